@@ -1,0 +1,152 @@
+"""Backbone registry, model contract, heads and partial unfreezing (build-only, no training)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from transfer.backbones import BACKBONES, get_backbone
+from transfer.errors import UserError
+from transfer.freezing import backbone_layers, parse_unfreeze, set_trainable, validate_unfreeze
+from transfer.heads import parse_head
+from transfer.layers import Preprocess
+from transfer.model import build_model
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_registered_backbone_builds_small_with_published_param_count(name):
+    spec = BACKBONES[name]
+    size = max(spec.min_size, 32)
+    built = build_model(name, input_shape=(size, size, 3), num_classes=3, head=parse_head("gap"),
+                        image_size=size, weights="none")
+    assert built.backbone.count_params() == spec.params
+    out = built.model(np.zeros((2, size, size, 3), "float32"))
+    assert out.shape == (2, 3)
+    np.testing.assert_allclose(np.asarray(out).sum(axis=1), 1.0, rtol=1e-5)
+    blocks = {spec.block_of(layer.name) for layer in backbone_layers(built.backbone)} - {None}
+    assert len(blocks) >= 4, f"{name}: block pattern found only {blocks}"
+
+
+def test_model_contract_raw_pixels_at_native_size_resize_inside():
+    built = build_model("mobilenetv2", input_shape=(28, 28, 3), num_classes=4, head=parse_head("default"),
+                        image_size=48, weights="none")
+    model = built.model
+    assert tuple(model.input.shape) == (None, 28, 28, 3)
+    assert model.get_layer("resize").output.shape[1:3] == (48, 48)
+    assert model.get_layer("preprocess").mode == "tf"
+    same = build_model("vgg16", input_shape=(32, 32, 3), num_classes=2, head=parse_head("gap"),
+                       image_size=32, weights="none")
+    assert "resize" not in [layer.name for layer in same.model.layers]
+
+
+@pytest.mark.parametrize(
+    ("mode", "reference"),
+    [
+        ("caffe", keras.applications.vgg16.preprocess_input),
+        ("tf", keras.applications.mobilenet_v2.preprocess_input),
+        ("torch", keras.applications.densenet.preprocess_input),
+    ],
+)
+def test_preprocess_layer_matches_keras_preprocess_input(mode, reference):
+    x = np.random.default_rng(0).uniform(0, 255, (2, 5, 5, 3)).astype("float32")
+    ours = np.asarray(Preprocess(mode)(x))
+    np.testing.assert_allclose(ours, np.asarray(reference(x.copy())), rtol=1e-5, atol=1e-4)
+
+
+def test_unknown_backbone_names_closest_match():
+    with pytest.raises(UserError, match=r"did you mean 'mobilenetv2'"):
+        get_backbone("mobilenet2")
+
+
+def test_image_size_below_minimum_is_refused():
+    with pytest.raises(UserError, match=r"--image-size 50 is below inceptionv3's minimum of 75"):
+        build_model("inceptionv3", input_shape=(32, 32, 3), num_classes=2, head=parse_head("gap"),
+                    image_size=50, weights="none")
+
+
+def test_seeds_head_is_flatten_dense256_bn_relu_softmax():
+    built = build_model("vgg16", input_shape=(32, 32, 3), num_classes=10, head=parse_head("seeds"),
+                        image_size=32, weights="none")
+    head = [layer for layer in built.model.layers if layer.name.startswith("head_") or layer.name == "predictions"]
+    kinds = [type(layer).__name__ for layer in head]
+    assert kinds == ["Flatten", "Dense", "BatchNormalization", "ReLU", "Dense"]
+    assert head[1].units == 256 and head[1].activation.__name__ == "linear"
+    assert head[-1].units == 10 and head[-1].activation.__name__ == "softmax"
+
+
+@pytest.mark.parametrize("bad", ["foo", "gap,dense", "gap,dropout1.5", "gap,dense0", ""])
+def test_malformed_head_is_a_user_error(bad):
+    with pytest.raises(UserError, match="--head"):
+        parse_head(bad)
+
+
+def test_unfreeze_4_on_vgg16_means_the_last_four_layers_as_in_the_seeds():
+    built = build_model("vgg16", input_shape=(32, 32, 3), num_classes=10, head=parse_head("seeds"),
+                        image_size=32, weights="none")
+    names = set_trainable(built.backbone, parse_unfreeze("4"))
+    assert names == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    seeds_way = [layer.name for layer in built.backbone.layers[-4:]]
+    assert seeds_way == ["block5_conv1", "block5_conv2", "block5_conv3", "block5_pool"]
+    trainable = {layer.name for layer in built.backbone.layers if layer.trainable and layer.weights}
+    assert trainable == set(names)
+
+
+def test_unfreeze_keeps_batchnorm_frozen_and_all_unfreezes_the_rest():
+    built = build_model("resnet50", input_shape=(32, 32, 3), num_classes=2, head=parse_head("gap"),
+                        image_size=32, weights="none")
+    names = set_trainable(built.backbone, parse_unfreeze("4"))
+    assert names == ["conv5_block3_3_conv"]
+    assert not built.backbone.get_layer("conv5_block3_3_bn").trainable
+    set_trainable(built.backbone, parse_unfreeze("all"))
+    bn = [layer for layer in backbone_layers(built.backbone) if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bn and not any(layer.trainable for layer in bn)
+    convs = [layer for layer in backbone_layers(built.backbone) if isinstance(layer, keras.layers.Conv2D)]
+    assert all(layer.trainable for layer in convs)
+    set_trainable(built.backbone, parse_unfreeze("0"))
+    assert built.backbone.trainable_weights == []
+
+
+@pytest.mark.parametrize(("value", "message"), [("-1", "is not 0"), ("two", "is not 0"), ("19", "exceeds vgg16's 18")])
+def test_unfreeze_out_of_range_or_malformed(value, message):
+    built = build_model("vgg16", input_shape=(32, 32, 3), num_classes=2, head=parse_head("gap"),
+                        image_size=32, weights="none")
+    with pytest.raises(UserError, match=message):
+        validate_unfreeze(built.backbone, parse_unfreeze(value), "vgg16")
+
+
+def test_weights_file_round_trips_through_weights_path(tmp_path):
+    source = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
+    for variable in source.weights:  # distinct, recognisable values
+        variable.assign(np.random.default_rng(len(variable.path)).normal(size=variable.shape).astype("float32"))
+    path = tmp_path / "mobilenetv2_notop.weights.h5"
+    source.save_weights(path)
+    built = build_model("mobilenetv2", input_shape=(32, 32, 3), num_classes=2, head=parse_head("gap"),
+                        image_size=32, weights=str(path))
+    for ours, theirs in zip(built.backbone.weights, source.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_weights_file_of_another_architecture_is_a_user_error(tmp_path):
+    other = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "vgg.weights.h5"
+    other.save_weights(path)
+    with pytest.raises(UserError, match="does not fit mobilenetv2"):
+        build_model("mobilenetv2", input_shape=(32, 32, 3), num_classes=2, head=parse_head("gap"),
+                    image_size=32, weights=str(path))
+
+
+def test_offline_imagenet_weights_give_one_line_with_the_way_out(monkeypatch):
+    from keras.src.utils import file_utils
+
+    def offline(fname, origin, **kwargs):
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(UserError) as info:
+        build_model("vgg16", input_shape=(32, 32, 3), num_classes=2, head=parse_head("gap"),
+                    image_size=32, weights="imagenet")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "--weights PATH" in message and "--weights none" in message
+    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in message and "models" in message

@@ -1,0 +1,277 @@
+"""Orchestrates a training run: validate, load data, build, train or resume, evaluate, write the run dir."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from transfer import rundir
+from transfer.config import ModelConfig, TrainConfig, as_dict
+from transfer.errors import UserError
+
+INPUT_SPEC_RANGE = (0.0, 255.0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run goes: ``<artifacts>/runs/<name>``."""
+
+    artifacts: str = "artifacts"
+    name: str | None = None
+    overwrite: bool = False
+
+    def run_path(self, default_name: str) -> Path:
+        return Path(self.artifacts) / "runs" / rundir.slug(self.name or default_name)
+
+
+@dataclass
+class BuiltRun:
+    """A recipe's build result: the model, the backbone layer whose layers unfreeze, and facts for the manifest."""
+
+    model: object
+    backbone: object
+    described: dict
+    hub: bool = False
+    pretrained: bool = True
+
+
+@dataclass
+class ModelRecipe:
+    """What a kind of run (fine-tune, baseline) contributes: a checked build step and its description."""
+
+    kind: str
+    build: Callable  # (dataset) -> BuiltRun
+    default_name: str
+    unfreeze: object  # transfer.freezing.Unfreeze
+    model_config: object
+
+
+def library_versions() -> dict:
+    """Versions of the libraries a run depends on."""
+    out = {"python": platform.python_version()}
+    for package in ("tensorflow", "keras", "numpy", "tensorflow-hub", "tf-keras", "transfer-toolkit"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def _input_spec(native_shape) -> dict:
+    return {
+        "name": "image",
+        "shape": list(native_shape),
+        "dtype": "float32",
+        "layout": "NHWC",
+        "color": "RGB",
+        "range": list(INPUT_SPEC_RANGE),
+        "resize_interpolation": "bilinear",
+    }
+
+
+def execute(recipe: ModelRecipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunConfig) -> Path:
+    """Run a training job end to end and return its run directory (complete on return)."""
+    from transfer.data import load_dataset
+
+    started = time.perf_counter()
+    run_path = run_cfg.run_path(recipe.default_name)
+    rundir.ensure_writable(run_path.parent)
+    config = {"kind": recipe.kind, **as_dict(data_cfg, augment_cfg, recipe.model_config, train_cfg)}
+
+    t0 = time.perf_counter()
+    dataset = load_dataset(data_cfg)
+    data_seconds = time.perf_counter() - t0
+    print(
+        f"data: {dataset.name} — {len(dataset.classes)} classes, native {dataset.native_shape}, "
+        f"train {len(dataset.train.y)} / val {len(dataset.val.y)} / test {len(dataset.test.y)}"
+    )
+
+    import keras
+
+    keras.utils.set_random_seed(train_cfg.seed)
+    t0 = time.perf_counter()
+    built = recipe.build(dataset)
+    model = built.model
+    build_seconds = time.perf_counter() - t0
+
+    status = rundir.prepare(run_path, config, overwrite=run_cfg.overwrite)
+    if status == "complete":
+        manifest = rundir.read_json(run_path / rundir.MANIFEST)
+        print(f"run '{run_path.name}' is already complete (test accuracy "
+              f"{manifest['metrics']['test_accuracy']:.4f}); pass --overwrite to train it again")
+        return run_path
+    rundir.write_json(run_path / "dataset.json", {"name": dataset.name, "classes": dataset.classes,
+                                                  "fingerprint": dataset.fingerprint(), "info": dataset.info})
+
+    from transfer import plots
+    from transfer.data import make_pipeline
+    from transfer.evaluate import evaluate
+    from transfer.train import read_history, train
+
+    train_ds = make_pipeline(dataset.train, batch_size=train_cfg.batch_size, training=True,
+                             augment=augment_cfg, seed=train_cfg.seed)
+    val_ds = make_pipeline(dataset.val, batch_size=train_cfg.batch_size, training=False)
+    num_classes = len(dataset.classes)
+    train_ds, val_ds = (d.map(lambda x, y: (x, _one_hot(y, num_classes))) for d in (train_ds, val_ds))
+    steps = -(-len(dataset.train.y) // train_cfg.batch_size)
+    result = train(model, built.backbone, train_ds=train_ds, val_ds=val_ds, steps_per_epoch=steps,
+                   num_classes=num_classes, cfg=train_cfg, unfreeze=recipe.unfreeze,
+                   run_path=run_path, hub=built.hub, pretrained=built.pretrained)
+
+    t0 = time.perf_counter()
+    evaluation = evaluate(model, dataset.test, dataset.classes, train_cfg.batch_size)
+    eval_seconds = time.perf_counter() - t0
+    evaluation["split"] = "test"
+    rundir.write_json(run_path / rundir.EVALUATION, evaluation)
+    tmp_model = run_path / "tmp-model.keras"
+    model.save(tmp_model)
+    os.replace(tmp_model, run_path / rundir.MODEL)
+    title = run_path.name
+    plots.plot_history(read_history(run_path / rundir.HISTORY), run_path / "plots", title)
+    plots.plot_confusion(evaluation["confusion_matrix"], dataset.classes, run_path / "plots" / "confusion.png",
+                         f"{title}: test confusion")
+
+    from transfer.freezing import count_params
+
+    final_phase = result.phases[-1] if result.phases else {}
+    manifest = {
+        "manifest_version": rundir.MANIFEST_VERSION,
+        "status": "complete",
+        "kind": recipe.kind,
+        "name": run_path.name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(),
+                    "sizes": {s: len(getattr(dataset, s).y) for s in ("train", "val", "test")}},
+        "classes": dataset.classes,
+        "input": _input_spec(dataset.native_shape),
+        "model": {
+            "file": rundir.MODEL,
+            "size_bytes": (run_path / rundir.MODEL).stat().st_size,
+            "params": count_params(model.weights),
+            "trainable_params": final_phase.get("trainable_params", count_params(model.trainable_weights)),
+            **built.described,
+        },
+        "phases": result.phases,
+        "trainable_layers": final_phase.get("trainable_backbone_layers", []),
+        "metrics": {
+            "test_accuracy": evaluation["accuracy"],
+            "test_top5_accuracy": evaluation.get("top5_accuracy"),
+            "test_loss": evaluation["loss"],
+            "best_val_accuracy": result.best_val_accuracy,
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "stopped_early": result.stopped_early,
+        },
+        "timings": {
+            "data_seconds": round(data_seconds, 3),
+            "build_seconds": round(build_seconds, 3),
+            "train_seconds": round(result.train_seconds, 3),
+            "eval_seconds": round(eval_seconds, 3),
+            "this_invocation_seconds": round(time.perf_counter() - started, 3),
+        },
+        "versions": library_versions(),
+    }
+    rundir.write_json(run_path / rundir.MANIFEST, manifest)
+    top5 = evaluation.get("top5_accuracy")
+    print(
+        f"\ndone: test accuracy {evaluation['accuracy']:.4f}"
+        + (f", top-5 {top5:.4f}" if top5 is not None else "")
+        + f" (best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}, "
+        f"{result.epochs_run} epochs, {result.train_seconds:.0f}s training)\n"
+        f"run directory: {run_path}\n"
+        f"  model.keras, manifest.json, evaluation.json, history.csv, plots/, logs/ "
+        f"(tensorboard --logdir {run_path / 'logs'})"
+    )
+    return run_path
+
+
+def _one_hot(labels, num_classes):
+    import tensorflow as tf
+
+    return tf.one_hot(labels, num_classes)
+
+
+def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> ModelRecipe:
+    """Validate a fine-tuning model config cheaply (no TensorFlow yet) and return its recipe."""
+    from transfer.backbones import check_image_size, get_backbone
+    from transfer.freezing import parse_unfreeze, validate_unfreeze
+    from transfer.heads import parse_head
+
+    spec = get_backbone(model_cfg.backbone)
+    head = parse_head(model_cfg.head)
+    unfreeze = parse_unfreeze(model_cfg.unfreeze)
+    size = model_cfg.image_size or spec.default_size
+    check_image_size(spec, size)
+    if spec.is_hub and unfreeze.count not in (0, None):
+        validate_unfreeze(None, unfreeze, spec.name, hub=True)
+    if model_cfg.weights not in ("imagenet", "none") and not spec.is_hub and not os.path.isfile(model_cfg.weights):
+        raise UserError(f"--weights '{model_cfg.weights}' is not a file; pass imagenet, none or a weights file path")
+    model_cfg = dataclasses.replace(model_cfg, image_size=size, head=head.text, unfreeze=unfreeze.text)
+
+    def build(dataset):
+        from transfer.model import build_model
+
+        built = build_model(model_cfg.backbone, input_shape=dataset.native_shape, num_classes=len(dataset.classes),
+                            head=head, image_size=size, weights=model_cfg.weights)
+        validate_unfreeze(built.backbone, unfreeze, spec.name, hub=spec.is_hub)
+        described = {
+            "backbone": spec.name,
+            "batchnorm": "frozen (inference mode)" if built.pretrained else "trainable (from scratch)",
+            "backbone_layer": built.backbone.name,
+            "weights": model_cfg.weights,
+            "image_size": size,
+            "preprocessing": spec.preprocessing,
+            "head": head.text,
+            "unfreeze": unfreeze.text,
+        }
+        if unfreeze.frozen_backbone and not built.pretrained:
+            print("warning: --weights none with --unfreeze 0 trains a head on a random, frozen backbone; "
+                  "use --unfreeze all to train it from scratch", file=sys.stderr)
+        return BuiltRun(built.model, built.backbone, described, hub=spec.is_hub, pretrained=built.pretrained)
+
+    return ModelRecipe("finetune", build, default_run_name(spec.name, dataset, seed, f"{size}px", f"u{unfreeze.text}"),
+                       unfreeze, model_cfg)
+
+
+def default_run_name(model: str, dataset: str, seed: int, *parts: str) -> str:
+    """``<model>_<dataset>_<parts...>[_s<seed>]``: the same command always names the same run."""
+    model = model.rstrip("/").split("/")[-1] if model.startswith("hub:") else model
+    dataset = dataset.rstrip("/").split("/")[-1] if dataset.startswith("folder:") else dataset
+    bits = [model, dataset, *parts] + ([f"s{seed}"] if seed else [])
+    return "_".join(rundir.slug(b) for b in bits)
+
+
+def reevaluate(run_path: Path, split: str = "test") -> dict:
+    """Load a complete run's model, rebuild its data split from the stored config and evaluate again.
+
+    Refuses when the rebuilt split differs from the one the run was trained on (dataset fingerprint).
+    """
+    import keras
+
+    import transfer.layers  # noqa: F401  (registers the custom layers for loading)
+    from transfer.data import DataConfig, load_dataset
+    from transfer.evaluate import evaluate
+
+    manifest = rundir.load_complete(run_path)
+    data_cfg = DataConfig(**manifest["config"]["data"])
+    dataset = load_dataset(data_cfg)
+    if dataset.fingerprint() != manifest["dataset"]["fingerprint"]:
+        raise UserError(
+            f"the data of '{data_cfg.dataset}' differs from what run '{run_path.name}' was trained on "
+            "(dataset fingerprint changed); restore the original data or retrain"
+        )
+    model = keras.models.load_model(run_path / rundir.MODEL)
+    evaluation = evaluate(model, getattr(dataset, split), dataset.classes, manifest["config"]["train"]["batch_size"])
+    evaluation["split"] = split
+    if split == "test":
+        rundir.write_json(run_path / rundir.EVALUATION, evaluation)
+    return evaluation

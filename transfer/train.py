@@ -1,0 +1,278 @@
+"""Two-phase training (head, then fine-tuning) with early stopping, checkpoints and crash-safe resume.
+
+Resume works at epoch granularity: after every epoch the model and optimizer state go to
+``checkpoints/last.weights.h5`` and then ``checkpoints/state.json`` (both written atomically, state last),
+so a run killed at any moment — even mid-write — restarts from its last completed epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from transfer.config import TrainConfig
+from transfer.errors import UserError
+from transfer.freezing import Unfreeze, count_params, set_trainable
+from transfer.rundir import HISTORY, read_json, write_json
+
+STATE = "state.json"
+LAST = "last.weights.h5"
+BEST = "best.weights.npz"
+HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "top5", "val_loss", "val_accuracy", "val_top5", "lr", "seconds")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of training with a fixed set of trainable layers and one optimizer."""
+
+    name: str
+    start_epoch: int
+    end_epoch: int
+    lr: float
+    unfreeze: Unfreeze
+
+
+def plan_phases(cfg: TrainConfig, unfreeze: Unfreeze) -> list[Phase]:
+    """A frozen backbone trains the head for ``epochs``; otherwise ``head_epochs`` then ``epochs`` fine-tuning."""
+    if unfreeze.frozen_backbone:
+        return [Phase("head", 0, cfg.epochs, cfg.lr, unfreeze)]
+    phases = []
+    if cfg.head_epochs:
+        phases.append(Phase("head", 0, cfg.head_epochs, cfg.lr, Unfreeze(0, "0")))
+    phases.append(Phase("fine-tune", cfg.head_epochs, cfg.head_epochs + cfg.epochs, cfg.fine_tune_lr, unfreeze))
+    return [p for p in phases if p.end_epoch > p.start_epoch]
+
+
+def make_optimizer(cfg: TrainConfig, lr: float, total_steps: int):
+    """The optimizer named in ``cfg`` with its learning-rate schedule over ``total_steps``."""
+    schedules = {
+        "constant": lambda: lr,
+        "cosine": lambda: keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(total_steps, 1)),
+        "exponential": lambda: keras.optimizers.schedules.ExponentialDecay(
+            lr, decay_steps=max(total_steps // 10, 1), decay_rate=0.8
+        ),
+    }
+    optimizers = {
+        "adam": lambda rate: keras.optimizers.Adam(rate),
+        "adamw": lambda rate: keras.optimizers.AdamW(rate),
+        "sgd": lambda rate: keras.optimizers.SGD(rate, momentum=0.9),
+        "rmsprop": lambda rate: keras.optimizers.RMSprop(rate),
+    }
+    return optimizers[cfg.optimizer](schedules[cfg.schedule]())
+
+
+def compile_model(model, cfg: TrainConfig, lr: float, total_steps: int, num_classes: int) -> None:
+    """Compile with one-hot cross-entropy (so label smoothing works) and accuracy/top-5 metrics."""
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if num_classes >= 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
+    model.compile(
+        optimizer=make_optimizer(cfg, lr, total_steps),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        metrics=metrics,
+    )
+
+
+def save_weights_npz(model, path: Path) -> None:
+    """Model weights (no optimizer state) to ``path`` atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, *model.get_weights())
+    os.replace(tmp, path)
+
+
+def load_weights_npz(model, path: Path) -> None:
+    with np.load(path) as data:
+        model.set_weights([data[f"arr_{i}"] for i in range(len(data.files))])
+
+
+def _current_lr(optimizer) -> float:
+    try:
+        return float(np.asarray(optimizer.learning_rate))
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """History rows, best/last checkpoints, early stopping and resume state, once per epoch."""
+
+    def __init__(self, ckpt_dir: Path, history_path: Path, state: dict, phase: Phase, patience: int):
+        super().__init__()
+        self.ckpt_dir, self.history_path = ckpt_dir, history_path
+        self.state, self.phase, self.patience = state, phase, patience
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        seconds = time.perf_counter() - self._t0
+        row = {
+            "epoch": epoch + 1,
+            "phase": self.phase.name,
+            "lr": _current_lr(self.model.optimizer),
+            "seconds": round(seconds, 3),
+            **{k: logs[k] for k in HISTORY_FIELDS if k in logs},
+        }
+        _append_history(self.history_path, row)
+        state = self.state
+        val = logs.get("val_accuracy")
+        if val is not None and math.isfinite(val) and val > state["best"]:
+            state.update(best=float(val), best_epoch=epoch + 1, wait=0)
+            save_weights_npz(self.model, self.ckpt_dir / BEST)
+        else:
+            state["wait"] += 1
+        # Weights (with optimizer state) first, then the state that points at them.
+        tmp = self.ckpt_dir / f"tmp-{LAST}"
+        self.model.save_weights(tmp)
+        os.replace(tmp, self.ckpt_dir / LAST)
+        state.update(epoch=epoch + 1, phase=self.phase.name, fresh=False)
+        state["train_seconds"] += seconds
+        write_json(self.ckpt_dir / STATE, state)
+        if state["wait"] >= self.patience:
+            print(
+                f"early stopping: no val_accuracy gain for {self.patience} epochs "
+                f"(best {state['best']:.4f} at epoch {state['best_epoch']})"
+            )
+            self.model.stop_training = True
+
+
+def _append_history(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _truncate_history(path: Path, completed: int) -> None:
+    """Drop rows of epochs after ``completed`` (written just before a crash, never checkpointed)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) <= completed]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_history(path: Path) -> list[dict]:
+    """history.csv as a list of dicts with numbers parsed."""
+    if not path.exists():
+        return []
+    out = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            parsed = {}
+            for key, value in row.items():
+                if key == "phase":
+                    parsed[key] = value
+                elif value not in ("", None):
+                    parsed[key] = int(value) if key == "epoch" else float(value)
+            out.append(parsed)
+    return out
+
+
+def describe_trainable(model, backbone, trainable_layers: list[str], phase: Phase) -> dict:
+    """Trainable layers and parameter counts after a phase's freezing, printed and returned."""
+    trainable = count_params(model.trainable_weights)
+    total = count_params(model.weights)
+    shown = trainable_layers if len(trainable_layers) <= 8 else [*trainable_layers[:3], "...", *trainable_layers[-3:]]
+    print(
+        f"phase {phase.name} (epochs {phase.start_epoch + 1}-{phase.end_epoch}, lr {phase.lr:g}, "
+        f"unfreeze {phase.unfreeze.text}): {len(trainable_layers)} backbone layers trainable"
+        + (f" [{', '.join(shown)}]" if shown else "")
+        + f"; trainable params {trainable:,} / {total:,}"
+    )
+    return {
+        "phase": phase.name,
+        "trainable_backbone_layers": trainable_layers,
+        "trainable_params": trainable,
+        "total_params": total,
+        "non_trainable_params": total - trainable,
+    }
+
+
+@dataclass
+class TrainResult:
+    phases: list[dict]
+    best_val_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    train_seconds: float
+    stopped_early: bool
+
+
+def train(model, backbone, *, train_ds, val_ds, steps_per_epoch: int, num_classes: int, cfg: TrainConfig,
+          unfreeze: Unfreeze, run_path: Path, hub: bool = False, pretrained: bool = True) -> TrainResult:
+    """Run (or resume) the planned phases; on return ``model`` holds the best weights seen."""
+    ckpt_dir = run_path / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    history_path = run_path / HISTORY
+    state_path = ckpt_dir / STATE
+    fresh_state = {"epoch": 0, "phase": None, "fresh": True, "best": -1.0, "best_epoch": 0, "wait": 0,
+                   "train_seconds": 0.0, "stopped_early": False}
+    state = read_json(state_path) if state_path.exists() else dict(fresh_state)
+    if state["epoch"]:
+        print(f"resuming from checkpoint: {state['epoch']} epochs done, best val_accuracy {state['best']:.4f}")
+    _truncate_history(history_path, state["epoch"])
+    verbose = 1 if sys.stdout.isatty() else 2
+    phases = plan_phases(cfg, unfreeze)
+    records = []
+    for phase in phases:
+        trainable_layers = set_trainable(backbone, phase.unfreeze, hub=hub, freeze_bn=pretrained)
+        compile_model(model, cfg, phase.lr, steps_per_epoch * (phase.end_epoch - phase.start_epoch), num_classes)
+        records.append(describe_trainable(model, backbone, trainable_layers, phase))
+        if state["epoch"] >= phase.end_epoch or (state.get("phase_done") == phase.name):
+            continue
+        initial = max(state["epoch"], phase.start_epoch)
+        if state["phase"] == phase.name and not state["fresh"]:
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(ckpt_dir / LAST)
+        elif (ckpt_dir / BEST).exists():
+            load_weights_npz(model, ckpt_dir / BEST)  # a new phase starts from the best weights so far
+        if state["phase"] != phase.name:
+            state["wait"] = 0
+        callbacks = [
+            RunCheckpoint(ckpt_dir, history_path, state, phase, cfg.patience),
+            keras.callbacks.TerminateOnNaN(),
+        ]
+        if cfg.tensorboard:
+            callbacks.append(keras.callbacks.TensorBoard(str(run_path / "logs"), write_graph=False))
+        model.fit(train_ds, validation_data=val_ds, epochs=phase.end_epoch, initial_epoch=initial,
+                  callbacks=callbacks, verbose=verbose, shuffle=False)
+        last = read_history(history_path)
+        if last and not math.isfinite(last[-1].get("loss", 0.0)):
+            raise UserError(
+                f"training diverged (loss {last[-1].get('loss')}) at epoch {last[-1]['epoch']}; "
+                "lower --lr/--fine-tune-lr or check the data"
+            )
+        if not last or last[-1]["epoch"] < phase.end_epoch:
+            state["stopped_early"] = state["wait"] >= cfg.patience
+        state.update(phase_done=phase.name, fresh=True, phase=phase.name)
+        write_json(state_path, state)
+    if (ckpt_dir / BEST).exists():
+        load_weights_npz(model, ckpt_dir / BEST)
+    return TrainResult(
+        phases=records,
+        best_val_accuracy=state["best"],
+        best_epoch=state["best_epoch"],
+        epochs_run=state["epoch"],
+        train_seconds=state["train_seconds"],
+        stopped_early=state["stopped_early"],
+    )
