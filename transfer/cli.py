@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
 
 from transfer import __version__
 from transfer.errors import UserError
+
+
+# Other packages add their sub-commands here: each module has ``register(subparsers)``, which adds
+# parsers whose ``func(args) -> int`` does the work (see cmd_finetune for the pattern).
+COMMAND_MODULES: tuple[str, ...] = ("transfer.baselines_cli", "export.cli", "transfer.compare")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +41,7 @@ def _quiet_tensorflow() -> None:
         os.close(devnull)
 
 
-def _add_data_args(parser: argparse.ArgumentParser) -> None:
+def add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic",
                    help="cifar10 | cifar100 | mnist | fashion_mnist | folder:PATH | synthetic (default: synthetic)")
@@ -56,7 +62,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         a.add_argument(f"--{op}", type=float, help=f"override the preset's {op} ({text}; 0 disables)")
 
 
-def _add_train_args(parser: argparse.ArgumentParser) -> None:
+def add_train_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--optimizer", default="adam", help="adam | adamw | sgd | rmsprop")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head phase (default 1e-3)")
@@ -73,7 +79,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
 
 
-def _add_run_args(parser: argparse.ArgumentParser) -> None:
+def add_run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run directory")
     g.add_argument("--artifacts", default="artifacts", help="artifacts root (runs go to <artifacts>/runs/<name>)")
     g.add_argument("--name", help="run name (default: derived from the config, so re-running resumes)")
@@ -94,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pooling then layers, e.g. gap,dropout0.2 or flatten,dense256-bn; "
                    "presets: default, seeds, linear, mlp")
     m.add_argument("--unfreeze", default="0", help="0 (head only) | N (top N backbone layers) | all")
-    _add_data_args(p)
-    _add_train_args(p)
-    _add_run_args(p)
+    add_data_args(p)
+    add_train_args(p)
+    add_run_args(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="re-evaluate a complete run on its test (or validation) split")
@@ -107,10 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backbones", help="list the backbone registry")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_backbones)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
-def _configs(args):
+def shared_configs(args):
+    """Data, augmentation, training and run configs from the flags every training command shares."""
     from transfer.config import TrainConfig
     from transfer.data import AugmentConfig, DataConfig
 
@@ -138,7 +148,7 @@ def cmd_finetune(args) -> int:
     from transfer.config import ModelConfig
     from transfer.runner import execute, finetune_recipe
 
-    data, augment, train, run = _configs(args)
+    data, augment, train, run = shared_configs(args)
     model = ModelConfig(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
                         head=args.head, unfreeze=args.unfreeze)
     recipe = finetune_recipe(model, data.dataset, train.seed)

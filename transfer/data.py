@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import pickle
-import struct
 import tarfile
 import tempfile
 import zipfile
@@ -24,9 +23,9 @@ import numpy as np
 import tensorflow as tf
 from keras.src.datasets.cifar import load_batch
 from keras.src.utils.file_utils import extract_archive
-from PIL import Image, ImageOps
 
 from transfer.errors import UserError, unknown
+from transfer.images import DECODE_ERRORS, decode_image
 
 log = logging.getLogger("transfer")
 
@@ -496,7 +495,7 @@ def _take(split: Split, index: np.ndarray) -> Split:
 # ----------------------------------------------------------------------------------------------
 
 _SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+_DECODE_ERRORS = DECODE_ERRORS
 
 
 def _class_folders(root: Path) -> list[str]:
@@ -512,32 +511,6 @@ def _image_files(folder: Path) -> list[Path]:
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         and p.is_file()
     )
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to RGB: transparency composited on white, 16/32-bit and float greyscale scaled to 8 bits."""
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        pixels = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(pixels * (255.0 / peak), 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def decode_image(path: Path | str, size: int) -> np.ndarray:
-    """One image file as a (size, size, 3) uint8 RGB array: EXIF-rotated, first frame, bilinear resize.
-
-    Raises the decoder's exception (OSError, ValueError, ...) for unreadable files.
-    """
-    with Image.open(path) as image:
-        image.draft("RGB", (size, size))  # JPEG only: decode at a reduced scale that is still >= size
-        image.seek(0)
-        image.load()
-        rgb = _to_rgb(ImageOps.exif_transpose(image))
-    return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def _try_decode(path: Path, size: int) -> np.ndarray | None:

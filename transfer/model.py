@@ -82,7 +82,7 @@ def _hub_backbone(spec: HubBackbone, size: int, weights: str):
     return layer
 
 
-SCRATCH_BN_MOMENTUM = 0.9
+SCRATCH_BN_MOMENTUM = 0.5
 
 
 def _speed_up_batchnorm(backbone) -> None:

@@ -112,16 +112,11 @@ def execute(recipe: ModelRecipe, data_cfg, augment_cfg, train_cfg: TrainConfig, 
                                                   "fingerprint": dataset.fingerprint(), "info": dataset.info})
 
     from transfer import plots
-    from transfer.data import make_pipeline
     from transfer.evaluate import evaluate
     from transfer.train import read_history, train
 
-    train_ds = make_pipeline(dataset.train, batch_size=train_cfg.batch_size, training=True,
-                             augment=augment_cfg, seed=train_cfg.seed)
-    val_ds = make_pipeline(dataset.val, batch_size=train_cfg.batch_size, training=False)
+    train_ds, val_ds, steps = training_pipelines(dataset, augment_cfg, train_cfg)
     num_classes = len(dataset.classes)
-    train_ds, val_ds = (d.map(lambda x, y: (x, _one_hot(y, num_classes))) for d in (train_ds, val_ds))
-    steps = -(-len(dataset.train.y) // train_cfg.batch_size)
     result = train(model, built.backbone, train_ds=train_ds, val_ds=val_ds, steps_per_epoch=steps,
                    num_classes=num_classes, cfg=train_cfg, unfreeze=recipe.unfreeze,
                    run_path=run_path, hub=built.hub, pretrained=built.pretrained)
@@ -194,10 +189,18 @@ def execute(recipe: ModelRecipe, data_cfg, augment_cfg, train_cfg: TrainConfig, 
     return run_path
 
 
-def _one_hot(labels, num_classes):
+def training_pipelines(dataset, augment_cfg, train_cfg: TrainConfig):
+    """The train and validation tf.data pipelines of a run (labels one-hot) and steps per epoch."""
     import tensorflow as tf
 
-    return tf.one_hot(labels, num_classes)
+    from transfer.data import make_pipeline
+
+    num_classes = len(dataset.classes)
+    train_ds = make_pipeline(dataset.train, batch_size=train_cfg.batch_size, training=True,
+                             augment=augment_cfg, seed=train_cfg.seed)
+    val_ds = make_pipeline(dataset.val, batch_size=train_cfg.batch_size, training=False)
+    train_ds, val_ds = (d.map(lambda x, y: (x, tf.one_hot(y, num_classes))) for d in (train_ds, val_ds))
+    return train_ds, val_ds, -(-len(dataset.train.y) // train_cfg.batch_size)
 
 
 def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> ModelRecipe:

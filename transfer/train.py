@@ -40,8 +40,13 @@ class Phase:
     unfreeze: Unfreeze
 
 
-def plan_phases(cfg: TrainConfig, unfreeze: Unfreeze) -> list[Phase]:
-    """A frozen backbone trains the head for ``epochs``; otherwise ``head_epochs`` then ``epochs`` fine-tuning."""
+def plan_phases(cfg: TrainConfig, unfreeze: Unfreeze, has_backbone: bool = True) -> list[Phase]:
+    """A frozen backbone trains the head for ``epochs``; otherwise ``head_epochs`` then ``epochs`` fine-tuning.
+
+    Without a backbone (a model trained from scratch) there is one phase: every layer trains for ``epochs`` at ``lr``.
+    """
+    if not has_backbone:
+        return [Phase("train", 0, cfg.epochs, cfg.lr, Unfreeze(None, "all"))] if cfg.epochs else []
     if unfreeze.frozen_backbone:
         return [Phase("head", 0, cfg.epochs, cfg.lr, unfreeze)]
     phases = []
@@ -195,7 +200,8 @@ def describe_trainable(model, backbone, trainable_layers: list[str], phase: Phas
     shown = trainable_layers if len(trainable_layers) <= 8 else [*trainable_layers[:3], "...", *trainable_layers[-3:]]
     print(
         f"phase {phase.name} (epochs {phase.start_epoch + 1}-{phase.end_epoch}, lr {phase.lr:g}, "
-        f"unfreeze {phase.unfreeze.text}): {len(trainable_layers)} backbone layers trainable"
+        f"unfreeze {phase.unfreeze.text}): {len(trainable_layers)} {'backbone ' if backbone is not None else ''}"
+        "layers trainable"
         + (f" [{', '.join(shown)}]" if shown else "")
         + f"; trainable params {trainable:,} / {total:,}"
     )
@@ -220,7 +226,10 @@ class TrainResult:
 
 def train(model, backbone, *, train_ds, val_ds, steps_per_epoch: int, num_classes: int, cfg: TrainConfig,
           unfreeze: Unfreeze, run_path: Path, hub: bool = False, pretrained: bool = True) -> TrainResult:
-    """Run (or resume) the planned phases; on return ``model`` holds the best weights seen."""
+    """Run (or resume) the planned phases; on return ``model`` holds the best weights seen.
+
+    ``backbone`` None means a model without a backbone: one phase in which every layer trains.
+    """
     ckpt_dir = run_path / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     history_path = run_path / HISTORY
@@ -232,10 +241,14 @@ def train(model, backbone, *, train_ds, val_ds, steps_per_epoch: int, num_classe
         print(f"resuming from checkpoint: {state['epoch']} epochs done, best val_accuracy {state['best']:.4f}")
     _truncate_history(history_path, state["epoch"])
     verbose = 1 if sys.stdout.isatty() else 2
-    phases = plan_phases(cfg, unfreeze)
+    phases = plan_phases(cfg, unfreeze, has_backbone=backbone is not None)
     records = []
     for phase in phases:
-        trainable_layers = set_trainable(backbone, phase.unfreeze, hub=hub, freeze_bn=pretrained)
+        if backbone is None:  # no backbone: everything trains
+            model.trainable = True
+            trainable_layers = [layer.name for layer in model.layers if layer.trainable_weights]
+        else:
+            trainable_layers = set_trainable(backbone, phase.unfreeze, hub=hub, freeze_bn=pretrained)
         compile_model(model, cfg, phase.lr, steps_per_epoch * (phase.end_epoch - phase.start_epoch), num_classes)
         records.append(describe_trainable(model, backbone, trainable_layers, phase))
         if state["epoch"] >= phase.end_epoch or (state.get("phase_done") == phase.name):

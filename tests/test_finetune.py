@@ -1,0 +1,225 @@
+"""`transfer finetune` end to end: run directory, frozen/unfrozen weights, resume after kill -9, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from transfer.cli import main
+
+TINY = ["--synthetic-train", "160", "--synthetic-test", "60", "--batch-size", "32", "--no-tensorboard"]
+
+
+def _run(tmp_path, *args):
+    return main(["finetune", *args, "--artifacts", str(tmp_path), *TINY])
+
+
+def _history(run: Path) -> list[dict]:
+    with open(run / "history.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def resnet_weights(tmp_path_factory):
+    """A 'pretrained' ResNet50 weights file: random weights with non-trivial BatchNorm statistics."""
+    path = tmp_path_factory.mktemp("weights") / "resnet50_notop.weights.h5"
+    source = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3))
+    rng = np.random.default_rng(0)
+    for layer in source.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape).astype("float32"))
+    source.save_weights(path)
+    return path
+
+
+def test_finetune_writes_a_complete_run_and_freezes_exactly_what_it_should(tmp_path, resnet_weights, capsys):
+    code = _run(tmp_path, "--backbone", "resnet50", "--weights", str(resnet_weights), "--image-size", "32",
+                "--unfreeze", "4", "--head-epochs", "0", "--epochs", "1", "--lr", "0.01", "--fine-tune-lr", "0.01",
+                "--name", "r50")
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "1 backbone layers trainable [conv5_block3_3_conv]" in out
+    run = tmp_path / "runs" / "r50"
+    for name in ("model.keras", "manifest.json", "evaluation.json", "history.csv", "config.json",
+                 "plots/accuracy.png", "plots/loss.png", "plots/confusion.png", "checkpoints/state.json"):
+        assert (run / name).is_file(), name
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["trainable_layers"] == ["conv5_block3_3_conv"]
+    assert manifest["model"]["unfreeze"] == "4" and manifest["model"]["backbone"] == "resnet50"
+    assert manifest["input"]["shape"] == [32, 32, 3] and manifest["input"]["range"] == [0.0, 255.0]
+    assert len(manifest["classes"]) == 10 and manifest["versions"]["tensorflow"]
+    assert [p["phase"] for p in manifest["phases"]] == ["fine-tune"]
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["accuracy"] == manifest["metrics"]["test_accuracy"]
+    assert "top5_accuracy" in evaluation and set(evaluation["per_class"]) == set(manifest["classes"])
+    assert [row["phase"] for row in _history(run)] == ["fine-tune"]
+
+    import transfer.layers  # noqa: F401
+
+    trained = keras.models.load_model(run / "model.keras").get_layer("resnet50")
+    original = keras.applications.ResNet50(include_top=False, weights=str(resnet_weights), input_shape=(32, 32, 3))
+    changed = set()
+    for layer, before in zip(trained.layers, original.layers, strict=True):
+        for w_after, w_before in zip(layer.weights, before.weights, strict=True):
+            if not np.array_equal(np.asarray(w_after), np.asarray(w_before)):
+                changed.add(layer.name)
+    # Only the unfrozen conv moved; every other weight, BatchNorm statistics included, is bit-identical.
+    assert changed == {"conv5_block3_3_conv"}
+
+
+def test_rerunning_a_complete_run_trains_nothing_and_evaluate_agrees(tmp_path, capsys):
+    args = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--unfreeze", "4",
+            "--head-epochs", "1", "--epochs", "1", "--name", "v"]
+    assert _run(tmp_path, *args) == 0
+    run = tmp_path / "runs" / "v"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [p["phase"] for p in manifest["phases"]] == ["head", "fine-tune"]
+    assert manifest["phases"][0]["trainable_backbone_layers"] == []
+    assert manifest["phases"][1]["trainable_backbone_layers"] == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    assert manifest["phases"][1]["trainable_params"] > manifest["phases"][0]["trainable_params"]
+    assert [row["phase"] for row in _history(run)] == ["head", "fine-tune"]
+    stamp = (run / "model.keras").stat().st_mtime_ns
+    capsys.readouterr()
+    assert _run(tmp_path, *args) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert (run / "model.keras").stat().st_mtime_ns == stamp
+    before = json.loads((run / "evaluation.json").read_text())
+    assert main(["evaluate", str(run)]) == 0
+    assert f"test accuracy {before['accuracy']:.4f}" in capsys.readouterr().out
+    # a different config under the same name is refused, nothing is touched
+    assert _run(tmp_path, *args[:-1], "v", "--lr", "0.5") == 2
+    assert "different config (train.lr: 0.001 -> 0.5)" in capsys.readouterr().err
+    assert (run / "model.keras").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_synthetic_set_is_learned_well_above_chance(tmp_path):
+    code = main(["finetune", "--backbone", "resnet50v2", "--weights", "none", "--image-size", "32", "--unfreeze", "all",
+                 "--head-epochs", "0", "--epochs", "2", "--fine-tune-lr", "1e-3", "--synthetic-train", "800",
+                 "--synthetic-test", "200", "--augment", "none", "--no-tensorboard", "--artifacts", str(tmp_path),
+                 "--name", "learn"])
+    assert code == 0
+    accuracy = json.loads((tmp_path / "runs" / "learn" / "evaluation.json").read_text())["accuracy"]
+    assert accuracy > 0.4, accuracy  # chance is 0.1
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_training_resumes_from_its_last_epoch(tmp_path):
+    args = [sys.executable, "-m", "transfer", "finetune", "--backbone", "mobilenetv2", "--weights", "none",
+            "--image-size", "32", "--unfreeze", "all", "--head-epochs", "2", "--epochs", "4", "--patience", "50",
+            "--artifacts", str(tmp_path), "--name", "resume", *TINY]
+    run = tmp_path / "runs" / "resume"
+    state = run / "checkpoints" / "state.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 3:
+            break
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(state.read_text())["epoch"]
+    assert 3 <= done < 6
+    assert not (run / "manifest.json").exists()  # a killed run never looks complete
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from checkpoint: {done} epochs done" in result.stdout
+    epochs = [int(row["epoch"]) for row in _history(run)]
+    assert epochs == [1, 2, 3, 4, 5, 6]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["metrics"]["epochs_run"] == 6
+
+
+def _corrupt_folder(root: Path) -> Path:
+    from PIL import Image
+
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((12, 12, 3), i * 20, np.uint8)).save(root / cls / f"{i}.png")
+    (root / "empty").mkdir()
+    return root
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backbone", "mobilenet2"], "unknown backbone 'mobilenet2'; did you mean 'mobilenetv2'?"),
+        (["--dataset", "cifar1"], "unknown dataset 'cifar1'; did you mean 'cifar10'?"),
+        (["--dataset", "folder:/nonexistent/photos"], "/nonexistent/photos"),
+        (["--backbone", "vgg16", "--image-size", "16"], "--image-size 16 is below vgg16's minimum of 32"),
+        (["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--unfreeze", "40"],
+         "--unfreeze 40 exceeds vgg16's 18 layers"),
+        (["--unfreeze", "some"], "--unfreeze 'some' is not 0"),
+        (["--head", "gap,dense"], "--head token 'dense'"),
+        (["--weights", "/nonexistent/w.h5"], "--weights '/nonexistent/w.h5' is not a file"),
+        (["--augment", "medium"], "medium"),
+        (["--lr", "-1"], "--lr -1.0"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
+    code = _run(tmp_path, *args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_empty_class_folder_is_refused(tmp_path, capsys):
+    folder = _corrupt_folder(tmp_path / "photos")
+    assert _run(tmp_path, "--dataset", f"folder:{folder}", "--backbone", "vgg16", "--weights", "none") == 2
+    err = capsys.readouterr().err
+    assert "empty" in err and err.count("\n") == 1
+
+
+def test_unwritable_artifacts_dir_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = main(["finetune", "--backbone", "vgg16", "--weights", "none", "--image-size", "32",
+                 "--artifacts", str(blocker / "sub"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not writable" in err and "--artifacts" in err
+
+
+def test_offline_dataset_download_is_one_line(tmp_path, capsys, monkeypatch):
+    from keras.src.utils import file_utils
+
+    def offline(*args, origin=None, **kwargs):
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    assert _run(tmp_path, "--dataset", "cifar10") == 2
+    err = capsys.readouterr().err
+    assert "cifar10" in err and "https://" in err and "--data-dir" in err and err.count("\n") == 1
+
+
+def test_subprocess_error_output_is_exactly_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "transfer", "finetune", "--backbone", "resnet5"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "did you mean 'resnet50'?" in result.stderr
+
+
+def test_backbones_command_lists_the_registry(capsys):
+    assert main(["backbones"]) == 0
+    out = capsys.readouterr().out
+    for name in ("vgg16", "resnet50", "mobilenetv2", "efficientnetb0", "hub:"):
+        assert name in out
+    assert "14,714,688" in out

@@ -1,0 +1,50 @@
+"""Image decoding shared by training folders, `transfer predict` and the server: Pillow and NumPy, no TensorFlow."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# What Pillow raises for files that are not images, truncated or otherwise unreadable.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+class ImageTooLarge(ValueError):
+    """The image header announces more pixels than allowed (a decompression bomb or a huge photo)."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to RGB: transparency composited on white, 16/32-bit and float greyscale scaled to 8 bits."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels * (255.0 / peak), 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(source: Path | str | BinaryIO, size: int | tuple[int, int], *, max_pixels: int | None = None,
+                 formats: tuple[str, ...] | None = None) -> np.ndarray:
+    """One image (a path or a binary file object) as a uint8 RGB array: EXIF-rotated, first frame, bilinear resize.
+
+    ``size`` is a square side or ``(height, width)``. With ``max_pixels``, an image whose header announces more
+    pixels raises ImageTooLarge before anything is decoded; ``formats`` limits which Pillow plugins may open the
+    data (untrusted input should not reach every plugin Pillow has). Raises the decoder's exception (one of
+    DECODE_ERRORS) for unreadable data.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    with Image.open(source, formats=formats) as image:
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise ImageTooLarge(f"image is {image.width}x{image.height} pixels; at most {max_pixels:,} are accepted")
+        image.draft("RGB", (width, height))  # JPEG only: decode at a reduced scale that is still >= size
+        image.seek(0)
+        image.load()
+        rgb = to_rgb(ImageOps.exif_transpose(image))
+    return np.asarray(rgb.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
