@@ -1,0 +1,43 @@
+"""Prometheus metrics of one app instance (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Requests and latency by route and status, batch sizes, queue depth and inference latency by model."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("serve_requests", "HTTP requests by route template, method and status",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("serve_request_duration_seconds", "HTTP request latency by route template",
+                                 ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.images = Counter("serve_images", "images classified or predicted, by model", ["model"], registry=r)
+        self.batch_size = Histogram("serve_batch_size", "images per inference batch", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("serve_queue_depth", "images waiting for inference", ["model"],
+                                 multiprocess_mode="livesum", registry=r)
+        self.inference = Histogram("serve_inference_duration_seconds", "ONNX Runtime time per batch", ["model"],
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter("serve_rejected", "requests refused before inference, by reason", ["reason"],
+                                registry=r)
+
+    def render(self) -> bytes:
+        """The text exposition; across worker processes when PROMETHEUS_MULTIPROC_DIR is set."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

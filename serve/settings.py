@@ -1,0 +1,63 @@
+"""Server settings: one frozen dataclass the CLI fills in and tests override."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+from transfer.errors import UserError
+
+ENV_VAR = "TRANSFER_SERVE_SETTINGS"  # how `--workers N` hands the settings to each worker process
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to serve and how; invalid values raise UserError on construction."""
+
+    export_dirs: tuple[str, ...] = ()  # each served under its manifest name
+    model_repo: str | None = None  # every export directory below it, each under its folder name
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_batch: int = 32
+    batch_timeout_ms: float = 5.0
+    threads: int = 0  # ONNX Runtime intra-op threads per model (0 = one per core)
+    api_key: str | None = field(default=None, repr=False)
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 40_000_000  # per image, checked on the header before decoding
+    max_images: int = 64  # per request
+    request_timeout_s: float = 30.0
+    max_queue_images: int = 4096  # beyond this the server sheds load with 503 instead of queueing forever
+    default_top_k: int = 5
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "export_dirs", tuple(str(p) for p in self.export_dirs))
+        if not self.export_dirs and not self.model_repo:
+            raise UserError("nothing to serve: give an EXPORT_DIR or --model-repo DIR")
+        positive = ("max_batch", "workers", "max_body_bytes", "max_pixels", "max_images", "max_queue_images",
+                    "default_top_k")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        for name in ("batch_timeout_ms", "threads"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
+        if self.request_timeout_s <= 0:
+            raise UserError(f"request-timeout={self.request_timeout_s} must be > 0")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"port={self.port} is out of range 0..65535")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UserError("--api-key is empty; omit it to disable authentication")
+
+    def to_env(self) -> str:
+        """JSON for ENV_VAR (the API key included: the environment of our own worker processes)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Settings from ENV_VAR, as written by ``to_env``."""
+        raw = json.loads(os.environ[ENV_VAR])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
