@@ -93,13 +93,18 @@ def ensure_writable(root: Path) -> None:
         ) from exc
 
 
-def prepare(run_path: Path, config: dict, *, overwrite: bool = False) -> str:
+def prepare(run_path: Path, config: dict, *, overwrite: bool = False, write: bool = True) -> str:
     """Claim ``run_path`` for ``config``: returns "new", "resume" or "complete".
 
-    An existing directory made with a different config is never touched without ``overwrite``.
+    An existing directory made with a different config is never touched without ``overwrite``. With
+    ``write`` off (a non-chief worker) nothing is created or removed; the directory is only checked.
     """
-    ensure_writable(run_path.parent)
     config_file = run_path / CONFIG
+    if not write:
+        if config_file.is_file() and read_json(config_file) != json.loads(json.dumps(config, default=str)):
+            raise UserError(f"run '{run_path.name}' exists with a different config; the chief decides, pass --name NEW")
+        return "complete" if is_complete(run_path) else ("resume" if config_file.is_file() else "new")
+    ensure_writable(run_path.parent)
     if run_path.exists() and overwrite:
         shutil.rmtree(run_path)
     if run_path.exists() and any(run_path.iterdir()):

@@ -27,6 +27,7 @@ class RunConfig:
     artifacts: str = "artifacts"
     name: str | None = None
     overwrite: bool = False
+    strategy: str = "auto"  # tf.distribute strategy (transfer.distribute.STRATEGIES); not part of the run's identity
 
     def run_path(self, default_name: str) -> Path:
         return Path(self.artifacts) / "runs" / rundir.slug(self.name or default_name)
@@ -78,12 +79,19 @@ def _input_spec(native_shape) -> dict:
 
 
 def execute(recipe: ModelRecipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunConfig) -> Path:
-    """Run a training job end to end and return its run directory (complete on return)."""
+    """Run a training job end to end and return its run directory (complete on return).
+
+    Under multi-worker training every worker runs this; only the chief writes the run directory.
+    """
     from transfer.data import load_dataset
+    from transfer.distribute import is_chief, make_strategy, shard_by_data
 
     started = time.perf_counter()
     run_path = run_cfg.run_path(recipe.default_name)
-    rundir.ensure_writable(run_path.parent)
+    strategy = make_strategy(run_cfg.strategy)
+    chief = is_chief(strategy)
+    if chief:
+        rundir.ensure_writable(run_path.parent)
     config = {"kind": recipe.kind, **as_dict(data_cfg, augment_cfg, recipe.model_config, train_cfg)}
 
     t0 = time.perf_counter()
@@ -98,33 +106,39 @@ def execute(recipe: ModelRecipe, data_cfg, augment_cfg, train_cfg: TrainConfig, 
 
     keras.utils.set_random_seed(train_cfg.seed)
     t0 = time.perf_counter()
-    built = recipe.build(dataset)
+    with strategy.scope():
+        built = recipe.build(dataset)
     model = built.model
     build_seconds = time.perf_counter() - t0
 
-    status = rundir.prepare(run_path, config, overwrite=run_cfg.overwrite)
+    status = rundir.prepare(run_path, config, overwrite=run_cfg.overwrite, write=chief)
     if status == "complete":
         manifest = rundir.read_json(run_path / rundir.MANIFEST)
         print(f"run '{run_path.name}' is already complete (test accuracy "
               f"{manifest['metrics']['test_accuracy']:.4f}); pass --overwrite to train it again")
         return run_path
-    rundir.write_json(run_path / "dataset.json", {"name": dataset.name, "classes": dataset.classes,
-                                                  "fingerprint": dataset.fingerprint(), "info": dataset.info})
+    if chief:
+        rundir.write_json(run_path / "dataset.json", {"name": dataset.name, "classes": dataset.classes,
+                                                      "fingerprint": dataset.fingerprint(), "info": dataset.info})
 
     from transfer import plots
     from transfer.evaluate import evaluate
     from transfer.train import read_history, train
 
     train_ds, val_ds, steps = training_pipelines(dataset, augment_cfg, train_cfg)
+    train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
     num_classes = len(dataset.classes)
     result = train(model, built.backbone, train_ds=train_ds, val_ds=val_ds, steps_per_epoch=steps,
                    num_classes=num_classes, cfg=train_cfg, unfreeze=recipe.unfreeze,
-                   run_path=run_path, hub=built.hub, pretrained=built.pretrained)
+                   run_path=run_path, hub=built.hub, pretrained=built.pretrained, strategy=strategy, writer=chief)
 
     t0 = time.perf_counter()
     evaluation = evaluate(model, dataset.test, dataset.classes, train_cfg.batch_size)
     eval_seconds = time.perf_counter() - t0
     evaluation["split"] = "test"
+    if not chief:
+        print(f"worker done: test accuracy {evaluation['accuracy']:.4f}; the chief writes {run_path}")
+        return run_path
     rundir.write_json(run_path / rundir.EVALUATION, evaluation)
     tmp_model = run_path / "tmp-model.keras"
     model.save(tmp_model)

@@ -107,12 +107,19 @@ def _current_lr(optimizer) -> float:
 
 
 class RunCheckpoint(keras.callbacks.Callback):
-    """History rows, best/last checkpoints, early stopping and resume state, once per epoch."""
+    """History rows, best/last checkpoints, early stopping and resume state, once per epoch.
 
-    def __init__(self, ckpt_dir: Path, history_path: Path, state: dict, phase: Phase, patience: int):
+    Every process keeps the same in-memory state (metrics are reduced across replicas, so early stopping agrees);
+    only the ``writer`` (the chief) touches files. The best weights are also kept in memory so no process has to
+    read a file another one may still be writing.
+    """
+
+    def __init__(self, ckpt_dir: Path, history_path: Path, state: dict, phase: Phase, patience: int,
+                 writer: bool = True, memory: dict | None = None):
         super().__init__()
         self.ckpt_dir, self.history_path = ckpt_dir, history_path
-        self.state, self.phase, self.patience = state, phase, patience
+        self.state, self.phase, self.patience, self.writer = state, phase, patience, writer
+        self.memory = memory if memory is not None else {}
         self._t0 = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -121,28 +128,32 @@ class RunCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
         seconds = time.perf_counter() - self._t0
-        row = {
-            "epoch": epoch + 1,
-            "phase": self.phase.name,
-            "lr": _current_lr(self.model.optimizer),
-            "seconds": round(seconds, 3),
-            **{k: logs[k] for k in HISTORY_FIELDS if k in logs},
-        }
-        _append_history(self.history_path, row)
+        self.memory["last_logs"] = {"epoch": epoch + 1, **logs}
+        if self.writer:
+            _append_history(self.history_path, {
+                "epoch": epoch + 1,
+                "phase": self.phase.name,
+                "lr": _current_lr(self.model.optimizer),
+                "seconds": round(seconds, 3),
+                **{k: logs[k] for k in HISTORY_FIELDS if k in logs},
+            })
         state = self.state
         val = logs.get("val_accuracy")
         if val is not None and math.isfinite(val) and val > state["best"]:
             state.update(best=float(val), best_epoch=epoch + 1, wait=0)
-            save_weights_npz(self.model, self.ckpt_dir / BEST)
+            self.memory["best_weights"] = self.model.get_weights()
+            if self.writer:
+                save_weights_npz(self.model, self.ckpt_dir / BEST)
         else:
             state["wait"] += 1
-        # Weights (with optimizer state) first, then the state that points at them.
-        tmp = self.ckpt_dir / f"tmp-{LAST}"
-        self.model.save_weights(tmp)
-        os.replace(tmp, self.ckpt_dir / LAST)
         state.update(epoch=epoch + 1, phase=self.phase.name, fresh=False)
         state["train_seconds"] += seconds
-        write_json(self.ckpt_dir / STATE, state)
+        if self.writer:
+            # Weights (with optimizer state) first, then the state that points at them.
+            tmp = self.ckpt_dir / f"tmp-{LAST}"
+            self.model.save_weights(tmp)
+            os.replace(tmp, self.ckpt_dir / LAST)
+            write_json(self.ckpt_dir / STATE, state)
         if state["wait"] >= self.patience:
             print(
                 f"early stopping: no val_accuracy gain for {self.patience} epochs "
@@ -224,14 +235,30 @@ class TrainResult:
     stopped_early: bool
 
 
+def _restore_best(model, ckpt_dir: Path, memory: dict) -> None:
+    if "best_weights" in memory:
+        model.set_weights(memory["best_weights"])
+    elif (ckpt_dir / BEST).exists():
+        load_weights_npz(model, ckpt_dir / BEST)
+
+
 def train(model, backbone, *, train_ds, val_ds, steps_per_epoch: int, num_classes: int, cfg: TrainConfig,
-          unfreeze: Unfreeze, run_path: Path, hub: bool = False, pretrained: bool = True) -> TrainResult:
+          unfreeze: Unfreeze, run_path: Path, hub: bool = False, pretrained: bool = True, strategy=None,
+          writer: bool = True) -> TrainResult:
     """Run (or resume) the planned phases; on return ``model`` holds the best weights seen.
 
-    ``backbone`` None means a model without a backbone: one phase in which every layer trains.
+    ``backbone`` None means a model without a backbone: one phase in which every layer trains. ``strategy`` is
+    the tf.distribute strategy the model was built under (compiling happens in its scope); only the ``writer``
+    process writes checkpoints and history.
     """
+    import contextlib
+
+    def scope():
+        return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
     ckpt_dir = run_path / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if writer:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     history_path = run_path / HISTORY
     state_path = ckpt_dir / STATE
     fresh_state = {"epoch": 0, "phase": None, "fresh": True, "best": -1.0, "best_epoch": 0, "wait": 0,
@@ -239,48 +266,52 @@ def train(model, backbone, *, train_ds, val_ds, steps_per_epoch: int, num_classe
     state = read_json(state_path) if state_path.exists() else dict(fresh_state)
     if state["epoch"]:
         print(f"resuming from checkpoint: {state['epoch']} epochs done, best val_accuracy {state['best']:.4f}")
-    _truncate_history(history_path, state["epoch"])
+    if writer:
+        _truncate_history(history_path, state["epoch"])
     verbose = 1 if sys.stdout.isatty() else 2
     phases = plan_phases(cfg, unfreeze, has_backbone=backbone is not None)
     records = []
+    memory: dict = {}
     for phase in phases:
-        if backbone is None:  # no backbone: everything trains
-            model.trainable = True
-            trainable_layers = [layer.name for layer in model.layers if layer.trainable_weights]
-        else:
-            trainable_layers = set_trainable(backbone, phase.unfreeze, hub=hub, freeze_bn=pretrained)
-        compile_model(model, cfg, phase.lr, steps_per_epoch * (phase.end_epoch - phase.start_epoch), num_classes)
-        records.append(describe_trainable(model, backbone, trainable_layers, phase))
-        if state["epoch"] >= phase.end_epoch or (state.get("phase_done") == phase.name):
-            continue
-        initial = max(state["epoch"], phase.start_epoch)
-        if state["phase"] == phase.name and not state["fresh"]:
-            model.optimizer.build(model.trainable_variables)
-            model.load_weights(ckpt_dir / LAST)
-        elif (ckpt_dir / BEST).exists():
-            load_weights_npz(model, ckpt_dir / BEST)  # a new phase starts from the best weights so far
+        with scope():
+            if backbone is None:  # no backbone: everything trains
+                model.trainable = True
+                trainable_layers = [layer.name for layer in model.layers if layer.trainable_weights]
+            else:
+                trainable_layers = set_trainable(backbone, phase.unfreeze, hub=hub, freeze_bn=pretrained)
+            compile_model(model, cfg, phase.lr, steps_per_epoch * (phase.end_epoch - phase.start_epoch),
+                          num_classes)
+            records.append(describe_trainable(model, backbone, trainable_layers, phase))
+            if state["epoch"] >= phase.end_epoch or (state.get("phase_done") == phase.name):
+                continue
+            initial = max(state["epoch"], phase.start_epoch)
+            if state["phase"] == phase.name and not state["fresh"]:
+                model.optimizer.build(model.trainable_variables)
+                model.load_weights(ckpt_dir / LAST)
+            else:
+                _restore_best(model, ckpt_dir, memory)  # a new phase starts from the best weights so far
         if state["phase"] != phase.name:
             state["wait"] = 0
         callbacks = [
-            RunCheckpoint(ckpt_dir, history_path, state, phase, cfg.patience),
+            RunCheckpoint(ckpt_dir, history_path, state, phase, cfg.patience, writer=writer, memory=memory),
             keras.callbacks.TerminateOnNaN(),
         ]
-        if cfg.tensorboard:
+        if cfg.tensorboard and writer:
             callbacks.append(keras.callbacks.TensorBoard(str(run_path / "logs"), write_graph=False))
         model.fit(train_ds, validation_data=val_ds, epochs=phase.end_epoch, initial_epoch=initial,
                   callbacks=callbacks, verbose=verbose, shuffle=False)
-        last = read_history(history_path)
-        if last and not math.isfinite(last[-1].get("loss", 0.0)):
+        last = memory.get("last_logs", {})
+        if last and not math.isfinite(last.get("loss", 0.0)):
             raise UserError(
-                f"training diverged (loss {last[-1].get('loss')}) at epoch {last[-1]['epoch']}; "
+                f"training diverged (loss {last.get('loss')}) at epoch {last['epoch']}; "
                 "lower --lr/--fine-tune-lr or check the data"
             )
-        if not last or last[-1]["epoch"] < phase.end_epoch:
+        if state["epoch"] < phase.end_epoch:
             state["stopped_early"] = state["wait"] >= cfg.patience
         state.update(phase_done=phase.name, fresh=True, phase=phase.name)
-        write_json(state_path, state)
-    if (ckpt_dir / BEST).exists():
-        load_weights_npz(model, ckpt_dir / BEST)
+        if writer:
+            write_json(state_path, state)
+    _restore_best(model, ckpt_dir, memory)
     return TrainResult(
         phases=records,
         best_val_accuracy=state["best"],
