@@ -24,3 +24,36 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in [line.strip() for line in ci]
     assert 'pip install --quiet -e ".[dev]"' in (ROOT / ".ci" / "run").read_text()
+
+
+def _readme_transfer_commands() -> list[list[str]]:
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part, comments=True)
+                while words and "=" in words[0] and not words[0].startswith("-"):
+                    words = words[1:]  # environment assignments such as TF_CONFIG=...
+                if words and words[0] == "transfer":
+                    commands.append(words[1:])
+    return commands
+
+
+def test_every_readme_command_parses_with_the_real_cli():
+    from transfer.cli import build_parser
+
+    parser = build_parser()
+    commands = _readme_transfer_commands()
+    shown = {words[0] for words in commands}
+    assert {"pipeline", "finetune", "baseline", "compare", "export", "verify", "bench", "predict", "serve"} <= shown
+    for words in commands:
+        args = parser.parse_args(words)  # an unknown flag or bad choice exits here and fails the test
+        assert args.command == words[0]
+
+
+def test_readme_configs_exist():
+    for path in re.findall(r"configs/[\w.-]+\.toml", (ROOT / "README.md").read_text()):
+        assert (ROOT / path).is_file(), path

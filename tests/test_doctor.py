@@ -16,7 +16,7 @@ def test_doctor_reports_versions_caches_and_next_steps(monkeypatch, tmp_path, ca
     assert report["versions"]["tensorflow"] and report["versions"]["keras"].startswith("3.")
     assert report["imagenet_weights_cached"] == {name: False for name in doctor.CORE_BACKBONES}
     problems = {item["problem"]: item["next"] for item in report["problems"]}
-    offline = next(next_step for problem, next_step in problems.items() if problem.startswith("offline and no ImageNet"))
+    offline = next(step for problem, step in problems.items() if problem.startswith("offline and no ImageNet"))
     assert str(tmp_path / "models") in offline and "--weights" in offline
     assert any("--dataset synthetic" in step for step in problems.values())
 

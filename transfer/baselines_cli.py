@@ -83,5 +83,5 @@ def cmd_baselines(args) -> int:
     for r in rows:
         params = f"{r['params']:,}" if r["params"] is not None else "n/a"
         print(f"{r['name']:<21}{params:>17}  {r['min_size']:>4}  {r['augment']:<34}{r['description']}")
-    print("train one: transfer baseline --model NAME [--protocol seeds|aug87]; compare: transfer compare --baselines ...")
+    print("train one: transfer baseline --model NAME [--protocol seeds|aug87]; compare: transfer compare --baselines")
     return 0

@@ -9,12 +9,20 @@ import sys
 from pathlib import Path
 
 from transfer import __version__
+from transfer.distribute import STRATEGIES
 from transfer.errors import UserError
-
+from transfer.options import CONFIG_DEST, load_options, replay_options
 
 # Other packages add their sub-commands here: each module has ``register(subparsers)``, which adds
 # parsers whose ``func(args) -> int`` does the work (see cmd_finetune for the pattern).
-COMMAND_MODULES: tuple[str, ...] = ("transfer.baselines_cli", "export.cli", "transfer.compare")
+COMMAND_MODULES: tuple[str, ...] = (
+    "transfer.doctor",
+    "transfer.baselines_cli",
+    "export.cli",
+    "transfer.compare",
+    "serve.cli",
+    "transfer.pipeline",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,6 +92,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--artifacts", default="artifacts", help="artifacts root (runs go to <artifacts>/runs/<name>)")
     g.add_argument("--name", help="run name (default: derived from the config, so re-running resumes)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    g.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                   help="tf.distribute strategy: auto | one-device | mirrored | multi-worker (TF_CONFIG)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
+    for command in sub.choices.values():
+        if not any(action.dest == "config" for action in command._actions):  # compare/pipeline have their own
+            command.add_argument("--config", dest=CONFIG_DEST, metavar="FILE",
+                                 help="TOML file of option values (flags given here override it)")
+    parser.commands = sub.choices
     return parser
 
 
@@ -141,7 +156,10 @@ def shared_configs(args):
     )
     from transfer.runner import RunConfig
 
-    return data, augment, train, RunConfig(artifacts=args.artifacts, name=args.name, overwrite=args.overwrite)
+    options = tuple(sorted(getattr(args, "replay_options", {}).items()))
+    return data, augment, train, RunConfig(artifacts=args.artifacts, name=args.name, overwrite=args.overwrite,
+                                           options=options, command=getattr(args, "command", ""),
+                                               strategy=args.strategy)
 
 
 def cmd_finetune(args) -> int:
@@ -195,10 +213,15 @@ def cmd_backbones(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``transfer`` console script; returns the process exit code."""
+    _quiet_tensorflow()  # before build_parser: command modules may import TensorFlow
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_tensorflow()
     try:
+        command = parser.commands[args.command]
+        if getattr(args, CONFIG_DEST, None):
+            command.set_defaults(**load_options(getattr(args, CONFIG_DEST), command))
+            args = parser.parse_args(argv)
+        args.replay_options = replay_options(args, command)
         return args.func(args)
     except UserError as exc:
         print(f"transfer {args.command}: error: {exc}", file=sys.stderr)

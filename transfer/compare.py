@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import importlib.util
 import os
 import shutil
 import statistics
@@ -69,11 +68,11 @@ def _check_keys(table: dict, allowed: dict[str, tuple], where: str) -> None:
     for key, value in table.items():
         if key not in allowed:
             guess = closest(key, allowed)
-            hint = f"; did you mean '{guess}'?" if guess else ""
+            hint = f"; did you mean '{where}{guess}'?" if guess else ""
             raise UserError(f"unknown config key '{where}{key}'{hint} (valid: {', '.join(sorted(allowed))})")
         types = allowed[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise UserError(f"config key '{where}{key}' = {value!r} must be a {_type_name(types)}")
+            raise UserError(f"config key '{where}{key}' = {value!r} must be of type {_type_name(types)}")
 
 
 def load_config(path: str | os.PathLike) -> dict:
@@ -204,20 +203,26 @@ def pick_winners(rows: list[dict]) -> list[dict]:
 
 
 def measure_latency(model_path: Path, shape: list[int], runs: int = 30, warmup: int = 5) -> float:
-    """Median milliseconds of ``model(x)`` on one native-size image after ``warmup`` calls."""
+    """Median milliseconds of ``model(x)`` on one native-size image after ``warmup`` calls.
+
+    The call is traced once (``tf.function``), as SavedModel/serving run it: eager dispatch would otherwise add a
+    per-layer overhead that punishes deep models for something no deployment pays.
+    """
     import keras
     import numpy as np
+    import tensorflow as tf
 
     import transfer.layers  # noqa: F401  (registers the custom layers for loading)
 
     model = keras.models.load_model(model_path, compile=False)
-    x = keras.ops.convert_to_tensor(np.random.default_rng(0).uniform(0, 255, (1, *shape)).astype("float32"))
-    for _ in range(warmup):
-        model(x, training=False)
+    call = tf.function(lambda t: model(t, training=False))
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, *shape)).astype("float32"))
+    for _ in range(max(warmup, 1)):
+        call(x).numpy()
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        keras.ops.convert_to_numpy(model(x, training=False))
+        call(x).numpy()
         times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
 
@@ -290,9 +295,19 @@ def _flag_defaults() -> dict:
     return defaults
 
 
+def _run_defaults() -> dict:
+    """Defaults of the run-directory flags (every cell gets its own name; other options keep finetune's default)."""
+    from transfer.cli import add_run_args
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_run_args(parser)
+    return vars(parser.parse_args([]))
+
+
 def register(subparsers) -> None:
     """Add the ``compare`` sub-command."""
     from transfer.cli import add_data_args, add_train_args
+    from transfer.distribute import STRATEGIES
 
     p = subparsers.add_parser(
         "compare", help="train a matrix of baselines and backbones on one split; leaderboard, plots, winners",
@@ -315,6 +330,8 @@ def register(subparsers) -> None:
     r.add_argument("--overwrite", action="store_true", help="retrain every cell of this report")
     r.add_argument("--latency-runs", type=int, help="timed batch-1 calls per model (median reported; default 30)")
     r.add_argument("--export-winners", action="store_true", help="export the winners with the export package")
+    r.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                   help="tf.distribute strategy of every cell: auto | one-device | mirrored | multi-worker")
     add_data_args(p)
     add_train_args(p)
     p.set_defaults(func=cmd_compare, **{key: None for key in _flag_defaults()})
@@ -339,7 +356,7 @@ def resolve_settings(args) -> tuple[argparse.Namespace, list[Cell], dict]:
     matrix_flags = [args.baselines, args.backbones, args.unfreeze, args.image_sizes]
     if config and any(flag is not None for flag in matrix_flags):
         raise UserError("pass the matrix either in --config or as --baselines/--backbones/--unfreeze/--image-sizes")
-    ns = argparse.Namespace(**defaults)
+    ns = argparse.Namespace(**_run_defaults(), **defaults)
     for section in _TABLES:
         _apply_section(ns, section, config.get(section, {}))
     for key in defaults:
@@ -367,22 +384,22 @@ def resolve_settings(args) -> tuple[argparse.Namespace, list[Cell], dict]:
     return ns, expand_matrix(matrices, cells, weights=top["weights"], head=top["head"]), top
 
 
-def _export_available():
-    """The export entry point ``export.export_run(run_dir, artifacts)`` or a one-line error."""
-    if importlib.util.find_spec("export") is None:
-        raise UserError("--export-winners: export is not available yet (no 'export' package); "
-                        "the winners are listed in the report's winners.json")
-    import export
+def _export_entry():
+    """The seam to the export package: ``export_run(run_dir) -> export dir``, or a one-line error without it."""
+    try:
+        from export.exporter import ExportConfig, run_export
+    except ImportError as exc:
+        raise UserError(f"--export-winners: export is not available yet ({exc}); the winners are listed in "
+                        "the report's winners.json") from exc
 
-    entry = getattr(export, "export_run", None)
-    if not callable(entry):
-        raise UserError("--export-winners: export is not available yet (the export package has no "
-                        "export_run(run_dir, artifacts)); the winners are listed in the report's winners.json")
-    return entry
+    def export_run(run_dir: Path) -> Path:
+        return run_export(ExportConfig(run_dir=str(run_dir))).out
+
+    return export_run
 
 
 def _fmt_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
@@ -393,7 +410,7 @@ def cmd_compare(args) -> int:
     from transfer.runner import RunConfig, execute, finetune_recipe
 
     ns, cells, top = resolve_settings(args)
-    export_run = _export_available() if args.export_winners else None
+    export_run = _export_entry() if args.export_winners else None
     ns.name, ns.artifacts, ns.overwrite = None, top["artifacts"], args.overwrite
     data_cfg, shared_augment, base_train, _ = shared_configs(ns)
     report = rundir.slug(top["name"])
@@ -414,7 +431,7 @@ def cmd_compare(args) -> int:
                                         head=cell.head, unfreeze=cell.unfreeze)
                 recipe, augment, cell_train = finetune_recipe(model_cfg, data_cfg.dataset, seed), shared_augment, train
             run_cfg = RunConfig(artifacts=top["artifacts"], name=f"{report}--{cell.name}--s{seed}",
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, strategy=args.strategy)
             jobs.append((cell, seed, recipe, augment, cell_train, run_cfg))
 
     from transfer.data import load_dataset
@@ -453,8 +470,9 @@ def cmd_compare(args) -> int:
     print(f"\nreport: {out / 'report.html'} (leaderboard.md/.csv/.json, winners.json, plots/)")
     if export_run is not None:
         for winner in winners:
-            print(f"exporting winner {winner['cell']} ({', '.join(winner['why'])}) ...")
-            export_run(Path(winner["best_run"]), top["artifacts"])
+            print(f"exporting winner {winner['cell']} ({', '.join(winner['why'])}) ...", flush=True)
+            winner["export_dir"] = str(export_run(Path(winner["best_run"])))
+        rundir.write_json(out / "winners.json", {**rundir.read_json(out / "winners.json"), "winners": winners})
     return 0
 
 

@@ -57,3 +57,71 @@ def shard_by_data(dataset):
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options)
+
+
+def barrier(strategy) -> None:
+    """Multi-worker only: wait until every worker gets here, so none exits while the chief still writes
+    (the chief hosts the coordination service; a worker outliving it fails its heartbeat)."""
+    if is_multi_worker(strategy):
+        import tensorflow as tf
+
+        @tf.function
+        def everyone():
+            return strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+        everyone()
+
+
+def is_multi_worker(strategy) -> bool:
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode()
+
+
+def patch_keras_for_multi_worker(model, strategy) -> None:
+    """Work around Keras 3's MultiWorkerMirroredStrategy bugs (keras-team/keras#20585), for ``model`` only.
+
+    ``Model.fit`` reduces a whole per-replica input batch eagerly just to learn its shapes, and averages scalar
+    metric logs over ``axis=0``; both raise under multi-worker collectives. The shapes come from the local batch
+    instead, and scalars are averaged without an axis. Nothing changes for any other strategy.
+    """
+    import types
+
+    import tensorflow as tf
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    if not is_multi_worker(strategy):
+        return
+
+    def local(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    def symbolic_build(self, iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tree.map_structure(local, next(batches))
+                break
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = types.MethodType(symbolic_build, model)
+    if getattr(tf_trainer.reduce_per_replica, "_transfer_patched", False):
+        return
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("mean", "auto") and tf_trainer._collective_all_reduce_multi_worker(strategy):
+            def mean(value):
+                if not isinstance(value, tf.distribute.DistributedValues):
+                    return value
+                rank = strategy.experimental_local_results(value)[0].shape.rank
+                return strategy.reduce("MEAN", value, axis=0 if rank else None)
+
+            return tree.map_structure(mean, values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica._transfer_patched = True
+    tf_trainer.reduce_per_replica = reduce_per_replica

@@ -40,9 +40,27 @@ def predict_probs(model, dataset) -> np.ndarray:
     return np.asarray(model.predict(dataset.map(lambda x, y: x), verbose=0))
 
 
-def evaluate(model, split, classes: list[str], batch_size: int) -> dict:
-    """Evaluate ``model`` on a data split and return the evaluation dict (see :func:`metrics_from_probs`)."""
+def pad_to_batches(split, batch_size: int):
+    """``split`` with its first samples repeated at the end so every batch is full."""
+    from transfer.data import Split
+
+    n = len(split.y)
+    if n % batch_size == 0:
+        return split
+    index = np.arange(-(-n // batch_size) * batch_size) % n
+    return Split(x=split.x[index], y=split.y[index])
+
+
+def evaluate(model, split, classes: list[str], batch_size: int, pad_batches: bool = False) -> dict:
+    """Evaluate ``model`` on a data split and return the evaluation dict (see :func:`metrics_from_probs`).
+
+    ``pad_batches`` fills the last batch with repeats (predictions trimmed afterwards): replicas of a
+    distributed model need equal shares of every batch.
+    """
     from transfer.data import make_pipeline
 
+    n = len(split.y)
+    if pad_batches:
+        split = pad_to_batches(split, batch_size)
     dataset = make_pipeline(split, batch_size=batch_size, training=False)
-    return metrics_from_probs(predict_probs(model, dataset), split.y, classes)
+    return metrics_from_probs(predict_probs(model, dataset)[:n], split.y[:n], classes)

@@ -28,6 +28,8 @@ class RunConfig:
     name: str | None = None
     overwrite: bool = False
     strategy: str = "auto"  # tf.distribute strategy (transfer.distribute.STRATEGIES); not part of the run's identity
+    options: tuple = ()  # the command's effective option values, written to config.toml for replay
+    command: str = ""
 
     def run_path(self, default_name: str) -> Path:
         return Path(self.artifacts) / "runs" / rundir.slug(self.name or default_name)
@@ -84,12 +86,15 @@ def execute(recipe: ModelRecipe, data_cfg, augment_cfg, train_cfg: TrainConfig, 
     Under multi-worker training every worker runs this; only the chief writes the run directory.
     """
     from transfer.data import load_dataset
-    from transfer.distribute import is_chief, make_strategy, shard_by_data
+    from transfer.distribute import barrier, is_chief, make_strategy, shard_by_data
 
     started = time.perf_counter()
     run_path = run_cfg.run_path(recipe.default_name)
     strategy = make_strategy(run_cfg.strategy)
     chief = is_chief(strategy)
+    if run_cfg.strategy != "auto" or strategy.num_replicas_in_sync > 1:
+        print(f"strategy: {run_cfg.strategy} ({type(strategy).__name__}) with {strategy.num_replicas_in_sync} replicas"
+              + ("" if chief else " (this worker does not write the run directory)"))
     if chief:
         rundir.ensure_writable(run_path.parent)
     config = {"kind": recipe.kind, **as_dict(data_cfg, augment_cfg, recipe.model_config, train_cfg)}
@@ -117,15 +122,29 @@ def execute(recipe: ModelRecipe, data_cfg, augment_cfg, train_cfg: TrainConfig, 
         print(f"run '{run_path.name}' is already complete (test accuracy "
               f"{manifest['metrics']['test_accuracy']:.4f}); pass --overwrite to train it again")
         return run_path
+    if chief and run_cfg.options:
+        from transfer.options import write_options
+
+        write_options(run_path / "config.toml", run_cfg.command, dict(run_cfg.options))
     if chief:
         rundir.write_json(run_path / "dataset.json", {"name": dataset.name, "classes": dataset.classes,
                                                       "fingerprint": dataset.fingerprint(), "info": dataset.info})
 
     from transfer import plots
-    from transfer.evaluate import evaluate
+    from transfer.evaluate import evaluate, pad_to_batches
     from transfer.train import read_history, train
 
-    train_ds, val_ds, steps = training_pipelines(dataset, augment_cfg, train_cfg)
+    replicas = strategy.num_replicas_in_sync
+    if replicas > 1:
+        if train_cfg.batch_size % replicas:
+            raise UserError(f"--batch-size {train_cfg.batch_size} must be a multiple of the {replicas} replicas")
+        # Replicas need equal shares of every batch: validation repeats a few samples to fill its last batch,
+        # training drops its last partial batch (reshuffled every epoch), the test evaluation pads and trims.
+        padded = dataclasses.replace(dataset, val=pad_to_batches(dataset.val, train_cfg.batch_size))
+    train_ds, val_ds, steps = training_pipelines(padded if replicas > 1 else dataset, augment_cfg, train_cfg)
+    if replicas > 1:
+        train_ds = train_ds.rebatch(train_cfg.batch_size, drop_remainder=True)
+        steps = len(dataset.train.y) // train_cfg.batch_size
     train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
     num_classes = len(dataset.classes)
     result = train(model, built.backbone, train_ds=train_ds, val_ds=val_ds, steps_per_epoch=steps,
@@ -133,11 +152,12 @@ def execute(recipe: ModelRecipe, data_cfg, augment_cfg, train_cfg: TrainConfig, 
                    run_path=run_path, hub=built.hub, pretrained=built.pretrained, strategy=strategy, writer=chief)
 
     t0 = time.perf_counter()
-    evaluation = evaluate(model, dataset.test, dataset.classes, train_cfg.batch_size)
+    evaluation = evaluate(model, dataset.test, dataset.classes, train_cfg.batch_size, pad_batches=replicas > 1)
     eval_seconds = time.perf_counter() - t0
     evaluation["split"] = "test"
     if not chief:
         print(f"worker done: test accuracy {evaluation['accuracy']:.4f}; the chief writes {run_path}")
+        barrier(strategy)
         return run_path
     rundir.write_json(run_path / rundir.EVALUATION, evaluation)
     tmp_model = run_path / "tmp-model.keras"
@@ -158,6 +178,7 @@ def execute(recipe: ModelRecipe, data_cfg, augment_cfg, train_cfg: TrainConfig, 
         "name": run_path.name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": config,
+        "options": dict(run_cfg.options),
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(),
                     "sizes": {s: len(getattr(dataset, s).y) for s in ("train", "val", "test")}},
         "classes": dataset.classes,
@@ -190,6 +211,7 @@ def execute(recipe: ModelRecipe, data_cfg, augment_cfg, train_cfg: TrainConfig, 
         "versions": library_versions(),
     }
     rundir.write_json(run_path / rundir.MANIFEST, manifest)
+    barrier(strategy)
     top5 = evaluation.get("top5_accuracy")
     print(
         f"\ndone: test accuracy {evaluation['accuracy']:.4f}"

@@ -281,6 +281,10 @@ def train(model, backbone, *, train_ds, val_ds, steps_per_epoch: int, num_classe
                 trainable_layers = set_trainable(backbone, phase.unfreeze, hub=hub, freeze_bn=pretrained)
             compile_model(model, cfg, phase.lr, steps_per_epoch * (phase.end_epoch - phase.start_epoch),
                           num_classes)
+            if strategy is not None:
+                from transfer.distribute import patch_keras_for_multi_worker
+
+                patch_keras_for_multi_worker(model, strategy)
             records.append(describe_trainable(model, backbone, trainable_layers, phase))
             if state["epoch"] >= phase.end_epoch or (state.get("phase_done") == phase.name):
                 continue

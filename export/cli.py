@@ -1,0 +1,94 @@
+"""Sub-commands ``transfer export``, ``transfer verify`` and ``transfer bench`` (registered in transfer.cli)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from export.formats import FAMILIES, FORMATS, QUANTIZE_CHOICES, ExportOptions
+
+
+def register(subparsers) -> None:
+    """Add the export commands to ``transfer``'s sub-parsers."""
+    p = subparsers.add_parser("export", help="export a run to SavedModel, TFLite and ONNX and verify each artifact")
+    p.add_argument("run_dir")
+    names = ", ".join(list(FAMILIES) + [n for n in FORMATS if n not in FAMILIES])
+    p.add_argument("--formats", help=f"comma-separated, from: {names} (default: all)")
+    p.add_argument("--quantize", help=f"tflite variants besides float32: {','.join(QUANTIZE_CHOICES)} "
+                   "(default: all when --formats is not given)")
+    p.add_argument("--out", help="export directory (default: <artifacts>/exports/<run name>)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 15)")
+    p.add_argument("--calibration-samples", type=int,
+                   help="int8: training images for calibration (default 200)")
+    p.add_argument("--int8-io", action="store_true", help="int8: integer input and output tensors")
+    p.add_argument("--no-verify", action="store_true", help="skip parity verification")
+    p.add_argument("--verify-samples", type=int, help="verify on the first N test images (default: all)")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("verify", help="re-verify the artifacts of an export directory against their run")
+    p.add_argument("export_dir")
+    p.add_argument("--verify-samples", type=int, help="verify on the first N test images (default: all)")
+    p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser("bench", help="latency, throughput and size of every artifact in an export directory")
+    p.add_argument("export_dir")
+    p.add_argument("--threads", type=int, default=1, help="threads every runtime uses (default 1)")
+    p.add_argument("--iterations", type=int, default=50, help="timed runs at batch 1 (a quarter at batch 32)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print bench.json instead of the table")
+    p.set_defaults(func=cmd_bench)
+
+
+def _finish(result, command: str) -> int:
+    failed = [name for name, entry in result.manifest["export"]["formats"].items()
+              if entry["status"] in ("failed-export", "failed-verification") and
+              (name in result.reports or entry["status"] == "failed-export")]
+    if failed:
+        detail = "; ".join(f"{n}: {result.manifest['export']['formats'][n]['status']}" for n in failed)
+        print(f"transfer {command}: {len(failed)} format(s) failed ({detail}); see {result.out / 'verify.json'}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args) -> int:
+    from export.exporter import ExportConfig, run_export
+    from export.verify import format_table
+
+    given = {}
+    if args.opset is not None:
+        given["opset"] = "--opset"
+    if args.int8_io:
+        given["int8_io"] = "--int8-io"
+    if args.calibration_samples is not None:
+        given["calibration_samples"] = "--calibration-samples"
+    options = ExportOptions(opset=args.opset, int8_io=args.int8_io,
+                            calibration_samples=200 if args.calibration_samples is None else args.calibration_samples)
+    cfg = ExportConfig(run_dir=args.run_dir, formats=args.formats, quantize=args.quantize, out=args.out,
+                       options=options, given_options=given, verify=not args.no_verify,
+                       verify_samples=args.verify_samples)
+    result = run_export(cfg)
+    if result.reports:
+        print(format_table(result.reports))
+    print(f"export directory: {result.out}")
+    return _finish(result, "export")
+
+
+def cmd_verify(args) -> int:
+    from export.exporter import reverify
+    from export.verify import format_table
+
+    result = reverify(Path(args.export_dir), args.verify_samples)
+    print(format_table(result.reports))
+    return _finish(result, "verify")
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    from export.bench import bench, format_table
+
+    report = bench(Path(args.export_dir), threads=args.threads, iterations=args.iterations, warmup=args.warmup)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    print(f"wrote {Path(args.export_dir) / 'bench.json'}", file=sys.stderr)
+    return 0

@@ -1,0 +1,252 @@
+"""``transfer compare``: matrix parsing, ranking and Pareto fronts, the report, resume, seeds, bad input."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import csv
+import json
+import re
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from transfer.cli import main
+from transfer.compare import (
+    PLOTS,
+    REPORT_FILES,
+    competition_rank,
+    expand_matrix,
+    load_config,
+    pareto_front,
+    pick_winners,
+)
+from transfer.errors import UserError
+
+DATA = ["--synthetic-train", "200", "--synthetic-test", "60", "--epochs", "1", "--batch-size", "32",
+        "--no-tensorboard", "--latency-runs", "5"]
+TWO_CELLS = ["--baselines", "vgg1", "--backbones", "mobilenetv2", "--weights", "none", "--image-sizes", "32"]
+
+
+def _compare(artifacts: Path, *argv: str) -> int:
+    return main(["compare", *argv, *DATA, "--artifacts", str(artifacts)])
+
+
+@pytest.fixture(scope="module")
+def two_cell_report(tmp_path_factory):
+    """One real comparison (a baseline and a backbone), run once for the module; returns (artifacts, stdout)."""
+    artifacts = tmp_path_factory.mktemp("compare")
+    capture = _Capture()
+    with capture:
+        assert _compare(artifacts, *TWO_CELLS, "--name", "two") == 0
+    return artifacts, capture.text
+
+
+class _Capture:
+    """stdout capture usable from a module-scoped fixture (capsys is function-scoped)."""
+
+    def __enter__(self):
+        import io
+
+        self._old, self._buffer = sys.stdout, io.StringIO()
+        sys.stdout = self._buffer
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout = self._old
+        self.text = self._buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions, hand-made numbers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_competition_rank_shares_ties():
+    assert competition_rank([0.7, 0.9, 0.8, 0.9]) == [4, 1, 3, 1]
+    assert competition_rank([0.5]) == [1]
+
+
+def test_pareto_front_on_hand_made_points():
+    accuracy = [0.90, 0.85, 0.80, 0.95, 0.70, 0.85]
+    latency = [10.0, 5.0, 6.0, 40.0, 1.0, 5.0]
+    # 2 is dominated by 1 (better and faster); 1 and 5 are identical, so neither dominates the other.
+    assert pareto_front(accuracy, latency) == [0, 1, 3, 4, 5]
+    assert pareto_front([0.5, 0.6], [2.0, 1.0]) == [1]
+    assert pareto_front([], []) == []
+
+
+def test_winners_name_the_reasons():
+    def row(cell, acc, lat, size, rank):
+        return {"cell": cell, "test_accuracy": acc, "latency_ms": lat, "size_bytes": size, "rank": rank,
+                "best_run": f"runs/{cell}", "run_dirs": [f"runs/{cell}"]}
+
+    rows = [row("big", 0.95, 50.0, 100, 1), row("small", 0.90, 5.0, 10, 2), row("bad", 0.80, 60.0, 200, 3),
+            row("tiny-slow", 0.85, 70.0, 5, 3)]
+    winners = {w["cell"]: w["why"] for w in pick_winners(rows)}
+    assert winners == {
+        "big": ["most accurate", "pareto: accuracy vs latency", "pareto: accuracy vs size"],
+        "small": ["pareto: accuracy vs latency", "pareto: accuracy vs size"],
+        "tiny-slow": ["pareto: accuracy vs size"],
+    }
+
+
+def test_matrix_expands_and_names_cells():
+    cells = expand_matrix([{"baselines": ["vgg1"], "backbones": ["mobilenetv2"], "unfreeze": ["0", "all"],
+                            "image_sizes": [32, 64]}], [], weights="imagenet", head="default")
+    assert [c.name for c in cells] == ["vgg1", "mobilenetv2-32px-u0", "mobilenetv2-32px-uall",
+                                       "mobilenetv2-64px-u0", "mobilenetv2-64px-uall"]
+
+
+@pytest.mark.parametrize("matrix, cells, needle", [
+    ([{"baselines": ["vgg3-dropot"]}], [], "did you mean 'vgg3-dropout'"),
+    ([{"backbones": ["mobilenet2"]}], [], "did you mean 'mobilenetv2'"),
+    ([{"baselines": ["vgg1", "vgg1"]}], [], "duplicate cell name 'vgg1'"),
+    ([], [{"name": "a", "baseline": "vgg1"}, {"name": "a", "backbone": "mobilenetv2"}], "duplicate cell name 'a'"),
+    ([], [], "has no cells"),
+])
+def test_bad_matrices(matrix, cells, needle):
+    with pytest.raises(UserError, match=needle):
+        expand_matrix(matrix, cells, weights="imagenet", head="default")
+
+
+def test_config_keys_are_checked(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nepoch = 3\n')
+    with pytest.raises(UserError, match=re.escape("unknown config key 'train.epoch'; did you mean 'train.epochs'")):
+        load_config(path)
+    path.write_text('[[cells]]\nbaseline = "vgg1"\nimage_siz = 3\n')
+    with pytest.raises(UserError, match=re.escape("cells[0].image_siz")):
+        load_config(path)
+    path.write_text('[train]\nepochs = "ten"\n')
+    with pytest.raises(UserError, match="must be of type integer"):
+        load_config(path)
+
+
+def test_shipped_configs_parse():
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for name in ("cifar10.toml", "smoke.toml"):
+        config = load_config(root / name)
+        cells = expand_matrix(config["matrix"], config.get("cells", []), weights=config.get("weights", "imagenet"),
+                              head=config.get("head", "default"))
+        assert cells
+    names = {c.model for c in expand_matrix(load_config(root / "cifar10.toml")["matrix"],
+                                            load_config(root / "cifar10.toml").get("cells", []),
+                                            weights="imagenet", head="default")}
+    assert {"cifar-aug-87", "vgg3-dropout-l2-bn", "vgg16", "resnet50", "mobilenetv2", "efficientnetb0"} <= names
+
+
+# ----------------------------------------------------------------------------------------------
+# Real comparisons on synthetic data
+# ----------------------------------------------------------------------------------------------
+
+
+def test_report_files_and_numbers_come_from_the_runs(two_cell_report):
+    artifacts, out = two_cell_report
+    report = artifacts / "reports" / "two"
+    for name in REPORT_FILES:
+        assert (report / name).is_file(), name
+    for name in PLOTS:
+        assert (report / "plots" / name).stat().st_size > 1000, name
+    assert "cell 1/2 vgg1" in out and "cell 2/2 mobilenetv2-32px-u0-none" in out and "estimated remaining" in out
+    board = json.loads((report / "leaderboard.json").read_text())
+    assert [r["rank"] for r in board["rows"]] == sorted(r["rank"] for r in board["rows"])
+    assert {r["cell"] for r in board["rows"]} == {"vgg1", "mobilenetv2-32px-u0-none"}
+    with open(report / "leaderboard.csv", newline="") as handle:
+        csv_rows = {r["cell"]: r for r in csv.DictReader(handle)}
+    for row in board["rows"]:
+        (run,) = [Path(p) for p in row["run_dirs"]]
+        evaluation = json.loads((run / "evaluation.json").read_text())
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert row["test_accuracy"] == evaluation["accuracy"]
+        assert row["top5_accuracy"] == evaluation["top5_accuracy"]
+        assert row["params"] == manifest["model"]["params"]
+        assert row["trainable_params"] == manifest["model"]["trainable_params"]
+        assert row["size_bytes"] == manifest["model"]["size_bytes"] == (run / "model.keras").stat().st_size
+        assert row["train_seconds"] == manifest["timings"]["train_seconds"]
+        assert row["latency_ms"] > 0
+        assert float(csv_rows[row["cell"]]["test_accuracy"]) == evaluation["accuracy"]
+        assert f"{evaluation['accuracy'] * 100:.2f}%" in (report / "leaderboard.md").read_text()
+    winners = json.loads((report / "winners.json").read_text())["winners"]
+    assert winners and all(Path(w["best_run"]).is_dir() and w["why"] for w in winners)
+    html = (report / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(PLOTS) and "<table>" in html
+
+
+def test_running_again_trains_nothing(two_cell_report, capsys):
+    artifacts, _ = two_cell_report
+    models = sorted((artifacts / "runs").glob("*/model.keras"))
+    before = {p: p.stat().st_mtime_ns for p in models}
+    assert _compare(artifacts, *TWO_CELLS, "--name", "two") == 0
+    out = capsys.readouterr().out
+    assert out.count("already complete") == 2 and "phase " not in out
+    assert {p: p.stat().st_mtime_ns for p in models} == before
+
+
+def test_seeds_give_mean_and_std_of_real_runs(tmp_path, capsys):
+    assert _compare(tmp_path, "--baselines", "lenet5", "--seeds", "2", "--name", "two-seeds") == 0
+    board = json.loads((tmp_path / "reports" / "two-seeds" / "leaderboard.json").read_text())
+    (row,) = board["rows"]
+    assert row["seeds"] == [0, 1] and len(row["run_dirs"]) == 2
+    accuracies = [json.loads((Path(p) / "evaluation.json").read_text())["accuracy"] for p in row["run_dirs"]]
+    assert row["test_accuracies"] == accuracies
+    assert row["test_accuracy"] == pytest.approx(statistics.fmean(accuracies))
+    assert row["test_accuracy_std"] == pytest.approx(statistics.stdev(accuracies))
+    fingerprints = {json.loads((Path(p) / "manifest.json").read_text())["dataset"]["fingerprint"]
+                    for p in row["run_dirs"]}
+    assert len(fingerprints) == 1  # the seeds vary training, never the split
+
+
+def _one_line_exit_2(capsys, code: int, needle: str) -> None:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--baselines", "vgg1,vgg3-drop"], "did you mean 'vgg3-dropout'"),
+    (["--backbones", "efficientnet-b0", "--weights", "none"], "did you mean 'efficientnetb0'"),
+    (["--baselines", "vgg1,vgg1"], "duplicate cell name 'vgg1'"),
+    (["--backbones", "mobilenetv2", "--unfreeze", "some"], "--unfreeze 'some'"),
+    (["--baselines", "vgg1", "--seeds", "0"], "--seeds 0"),
+])
+def test_bad_flags_are_one_line_exit_2(tmp_path, capsys, argv, needle):
+    _one_line_exit_2(capsys, _compare(tmp_path, *argv), needle)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_bad_config_is_one_line_exit_2(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text('name = "x"\n[matrix]\nbaselines = ["vgg1"]\nbackbone = ["vgg16"]\n')
+    artifacts = tmp_path / "artifacts"
+    _one_line_exit_2(capsys, _compare(artifacts, "--config", str(config)), "unknown config key 'matrix[0].backbone'")
+    config.write_text('[[cells]]\nname = "a"\nbaseline = "vgg1"\n[[cells]]\nname = "a"\nbaseline = "vgg2"\n')
+    _one_line_exit_2(capsys, _compare(artifacts, "--config", str(config)), "duplicate cell name 'a'")
+    config.write_text('[matrix]\nbaselines = ["vgg1"]\n')
+    _one_line_exit_2(capsys, _compare(artifacts, "--config", str(config), "--baselines", "vgg2"), "either in --config")
+    assert not artifacts.exists()
+
+
+def test_runs_from_another_split_are_refused(two_cell_report, tmp_path, capsys):
+    artifacts, _ = two_cell_report
+    shutil.copytree(artifacts / "runs", tmp_path / "runs")
+    manifest_path = tmp_path / "runs" / "two--vgg1--s0" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["dataset"]["fingerprint"] = "0" * 64  # as if trained on other data
+    manifest_path.write_text(json.dumps(manifest))
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")}
+    _one_line_exit_2(capsys, _compare(tmp_path, *TWO_CELLS, "--name", "two"), "different dataset or split")
+    assert not (tmp_path / "reports").exists()
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")} == before
+
+
+def test_export_winners_without_export_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "export.exporter", None)  # as on a checkout without the export package
+    _one_line_exit_2(capsys, _compare(tmp_path, "--baselines", "vgg1", "--export-winners"),
+                     "export is not available yet")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

@@ -1,0 +1,251 @@
+"""export/: every format of the table round-trips a tiny trained run and passes parity verification."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+from export.exporter import calibration_images, read_embedded_labels, sha256_of
+from export.formats import FLOAT32, FORMATS, Thresholds, select_formats
+from export.verify import verify
+from transfer.cli import main
+from transfer.errors import UserError
+
+TINY = ["--image-size", "32", "--head-epochs", "0", "--epochs", "1", "--synthetic-train", "200",
+        "--synthetic-test", "60", "--no-tensorboard"]
+
+
+def _train(artifacts, name, *extra):
+    code = main(["finetune", *TINY, *extra, "--artifacts", str(artifacts), "--name", name])
+    assert code == 0
+    return artifacts / "runs" / name
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    return _train(artifacts, "tiny", "--backbone", "mobilenetv2", "--weights", "none", "--unfreeze", "all")
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_run):
+    code = main(["export", str(tiny_run), "--int8-io", "--calibration-samples", "64"])
+    assert code == 0
+    out = tiny_run.parent.parent / "exports" / "tiny"
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def test_split(tiny_run):
+    from export.exporter import load_run_dataset
+
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    dataset = load_run_dataset(manifest, tiny_run)
+    return dataset.test.x.astype(np.float32), dataset.test.y
+
+
+@pytest.fixture(scope="module")
+def keras_probs(tiny_run, test_split):
+    import keras
+
+    import transfer.layers  # noqa: F401
+
+    return keras.models.load_model(tiny_run / "model.keras").predict(test_split[0], verbose=0)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_every_format_round_trips_and_verifies(tiny_export, test_split, keras_probs, name):
+    out, manifest = tiny_export
+    row = FORMATS[name]
+    entry = manifest["export"]["formats"][name]
+    assert entry["status"] == "verified", entry
+    assert entry["file"] == row.file and (out / row.file).exists()
+    assert entry["sha256"] == sha256_of(out / row.file) and entry["size_bytes"] > 0
+    assert entry["inputs"][0]["shape"] == [None, 32, 32, 3] and entry["outputs"][0]["shape"] == [None, 10]
+    report = json.loads((out / "verify.json").read_text())["formats"][name]
+    assert report["passed"] and report["samples"] == 60
+    # the artifact loads in its own runtime and agrees with Keras, checked by the same function export uses
+    predictor = row.load(out / row.file)
+    again = verify(keras_probs, predictor, test_split[0], test_split[1], row.thresholds)
+    assert again["passed"], again["failures"]
+    assert again["max_abs_diff"] == pytest.approx(report["max_abs_diff"], abs=1e-6)
+
+
+def test_export_writes_labels_and_source(tiny_export, tiny_run):
+    out, manifest = tiny_export
+    classes = manifest["classes"]
+    assert (out / "labels.txt").read_text().splitlines() == classes
+    assert manifest["export"]["source_run"] == str(tiny_run.resolve())
+    assert manifest["input"]["shape"] == [32, 32, 3] and manifest["status"] == "complete"
+    for name in ("tflite", "tflite_int8"):
+        assert read_embedded_labels(out / FORMATS[name].file) == classes
+
+
+def test_onnx_has_a_dynamic_batch(tiny_export):
+    import onnx
+
+    out, manifest = tiny_export
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model)
+    assert manifest["export"]["formats"]["onnx"]["opset"] == 15
+    predictor = FORMATS["onnx"].load(out / "model.onnx")
+    rng = np.random.default_rng(0)
+    for batch in (1, 7):
+        probs = predictor(rng.uniform(0, 255, (batch, 32, 32, 3)).astype(np.float32))
+        assert probs.shape == (batch, 10)
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_int8_quantization_parameters_are_in_the_manifest(tiny_export):
+    _, manifest = tiny_export
+    entry = manifest["export"]["formats"]["tflite_int8"]
+    assert entry["int8_io"] is True and entry["calibration_samples"] == 64
+    assert entry["inputs"][0]["dtype"] == "int8" and entry["outputs"][0]["dtype"] == "int8"
+    for side in ("input", "output"):
+        q = entry["quantization"][side]
+        assert len(q["scale"]) == 1 and q["scale"][0] > 0
+        assert -128 <= q["zero_point"][0] <= 127
+
+
+def test_bench_reports_every_format(tiny_export, capsys):
+    out, manifest = tiny_export
+    assert main(["bench", str(out), "--iterations", "2", "--warmup", "1", "--threads", "1"]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["threads"] == 1
+    assert set(report["formats"]) == set(manifest["export"]["formats"])
+    for result in report["formats"].values():
+        assert result["status"] == "verified" and result["accuracy"] is not None
+        assert {"p50_ms", "p90_ms", "p99_ms", "throughput_ips"} <= set(result["batch32"])
+    assert "tflite_int8" in capsys.readouterr().out
+
+
+def test_tampered_artifact_fails_verification(tiny_export, tmp_path, capsys):
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_export[0], out)
+    model = onnx.load(str(out / "model.onnx"))
+    for init in model.graph.initializer:
+        values = numpy_helper.to_array(init)
+        if values.dtype == np.float32 and values.size > 100:
+            init.CopyFrom(numpy_helper.from_array(values * 1.5 + 0.1, init.name))
+    onnx.save(model, str(out / "model.onnx"))
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "onnx: failed-verification" in err and "tflite" not in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["export"]["formats"]["onnx"]["status"] == "failed-verification"
+    assert manifest["export"]["formats"]["onnx"]["sha256_matches"] is False
+    assert manifest["export"]["formats"]["tflite"]["status"] == "verified"
+    assert not json.loads((out / "verify.json").read_text())["formats"]["onnx"]["passed"]
+
+
+def test_a_failing_format_is_recorded_and_keeps_what_was_written(tiny_export, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "partial"
+    shutil.copytree(tiny_export[0], out)
+    before = sha256_of(out / "model.onnx")
+
+    def broken(ctx, dest, options):
+        dest.write_bytes(b"half a file")
+        raise RuntimeError("converter exploded\nwith a long traceback")
+
+    monkeypatch.setitem(FORMATS, "onnx", dataclasses.replace(FORMATS["onnx"], export=broken))
+    assert main(["export", tiny_export[1]["export"]["source_run"], "--formats", "onnx", "--out", str(out),
+                 "--no-verify"]) == 1
+    assert "onnx: failed-export" in capsys.readouterr().err
+    assert sha256_of(out / "model.onnx") == before
+    formats = json.loads((out / "manifest.json").read_text())["export"]["formats"]
+    assert formats["onnx"] == {"file": "model.onnx", "status": "failed-export",
+                               "error": "RuntimeError: converter exploded"}
+    assert formats["tflite"]["status"] == "verified"  # formats of the earlier export are kept
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--formats", "onxx"], "unknown export format 'onxx'; did you mean 'onnx'?"),
+        (["--quantize", "int4"], "unknown --quantize value 'int4'"),
+        (["--formats", "savedmodel,tflite", "--opset", "13"], "--opset applies only to onnx"),
+        (["--formats", "tflite", "--quantize", "fp16", "--int8-io"], "--int8-io applies only to tflite_int8"),
+        (["--formats", "onnx", "--quantize", "int8"], "applies to tflite, which --formats does not include"),
+        (["--quantize", "int8", "--calibration-samples", "0"], "--calibration-samples 0 must be > 0"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tiny_run, tmp_path, capsys, argv, message):
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "x"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_missing_or_incomplete_run_is_refused(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    incomplete = tmp_path / "runs" / "half"
+    incomplete.mkdir(parents=True)
+    (incomplete / "config.json").write_text("{}")
+    (incomplete / "manifest.json").write_text(json.dumps({"status": "training"}))
+    assert main(["export", str(incomplete)]) == 2
+    assert "is incomplete" in capsys.readouterr().err
+    assert not (tmp_path / "exports").exists()
+
+
+def test_no_calibration_data_is_a_user_error():
+    with pytest.raises(UserError, match="needs calibration data"):
+        calibration_images(np.zeros((0, 8, 8, 3), np.uint8), 10)
+    picked = calibration_images(np.arange(20 * 2 * 2 * 3, dtype=np.uint8).reshape(20, 2, 2, 3), 5)
+    assert picked.shape == (5, 2, 2, 3) and picked.dtype == np.float32
+
+
+def test_format_selection_follows_the_table():
+    assert [r.name for r in select_formats(None, None)] == list(FORMATS)
+    assert [r.name for r in select_formats("savedmodel,tflite,onnx", "int8")] == [
+        "savedmodel", "tflite", "tflite_int8", "onnx"]
+    assert [r.name for r in select_formats("tflite_fp16", None)] == ["tflite_fp16"]
+    assert [r.name for r in select_formats(None, "dynamic")] == ["savedmodel", "tflite", "tflite_dynamic", "onnx"]
+
+
+def test_verify_reports_differences_and_accuracy():
+    ref = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], np.float32)
+    labels = np.array([0, 1, 1])
+    assert verify(ref, ref.copy(), np.zeros((3, 1)), labels, FLOAT32)["passed"]
+    flipped = ref[:, ::-1]
+    report = verify(ref, flipped, np.zeros((3, 1)), labels, FLOAT32)
+    assert not report["passed"] and report["top1_agreement"] == 0.0
+    assert report["max_abs_diff"] == pytest.approx(0.8) and report["accuracy"] == pytest.approx(1 / 3)
+    drop = verify(ref, flipped, np.zeros((3, 1)), labels, Thresholds(max_accuracy_drop=0.01))
+    assert not drop["passed"] and "points below" in drop["failures"][0]
+
+
+@pytest.mark.slow
+def test_hub_backbone_run_exports(tmp_path):
+    from test_hub import save_hub_module
+
+    hub = save_hub_module(tmp_path / "hub_module", with_variable_lists=True)
+    run = _train(tmp_path, "hub", "--backbone", f"hub:{hub}", "--unfreeze", "0", "--synthetic-train", "100",
+                 "--synthetic-test", "30")
+    assert main(["export", str(run), "--formats", "savedmodel,tflite,onnx", "--quantize", "fp16"]) == 0
+    formats = json.loads((tmp_path / "exports" / "hub" / "manifest.json").read_text())["export"]["formats"]
+    assert {n: f["status"] for n, f in formats.items()} == dict.fromkeys(
+        ("savedmodel", "tflite", "tflite_fp16", "onnx"), "verified")
+
+
+@pytest.mark.slow
+def test_scratch_baseline_run_exports(tmp_path):
+    code = main(["baseline", "--model", "lenet5", "--epochs", "1", "--synthetic-train", "100", "--synthetic-test", "30",
+                 "--no-tensorboard", "--artifacts", str(tmp_path), "--name", "scratch"])
+    assert code == 0
+    run = tmp_path / "runs" / "scratch"
+    assert main(["export", str(run), "--formats", "tflite,onnx", "--quantize", "int8"]) == 0
+    formats = json.loads((tmp_path / "exports" / "scratch" / "manifest.json").read_text())["export"]["formats"]
+    assert {n: f["status"] for n, f in formats.items()} == dict.fromkeys(("tflite", "tflite_int8", "onnx"), "verified")
+    shutil.rmtree(tmp_path / "exports")
