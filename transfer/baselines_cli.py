@@ -69,19 +69,17 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_baselines(args) -> int:
-    import json
 
     from transfer.baselines import table_rows
+    from transfer.cli import print_rows
 
     rows = table_rows((32, 32, 3))
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    header = f"{'name':<21}{'params (32x32x3)':>17}  {'min':>4}  {'augmentation':<34}description"
-    print(header)
-    print("-" * len(header))
     for r in rows:
-        params = f"{r['params']:,}" if r["params"] is not None else "n/a"
-        print(f"{r['name']:<21}{params:>17}  {r['min_size']:>4}  {r['augment']:<34}{r['description']}")
+        r["params_text"] = f"{r['params']:,}" if r["params"] is not None else "n/a"
+    print_rows(rows, [("name", "name", "<21"), ("params_text", "params (32x32x3)", ">17"), ("min_size", "min", ">4"),
+                      ("augment", "augmentation", "<34"), ("description", "description", "")],
+               as_json=args.json, json_keys=[k for k in rows[0] if k != "params_text"])
+    if args.json:
+        return 0
     print("train one: transfer baseline --model NAME [--protocol seeds|aug87]; compare: transfer compare --baselines")
     return 0

@@ -184,9 +184,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_backbones(args) -> int:
+def print_rows(rows: list[dict], columns: list[tuple[str, str, str]], *, as_json: bool = False,
+               json_keys: list[str] | None = None) -> None:
+    """Print ``rows`` as JSON or as a fixed-width table; ``columns`` = (key, header, format spec)."""
     import json
 
+    if as_json:
+        print(json.dumps([{k: r[k] for k in (json_keys or r)} for r in rows], indent=2))
+        return
+    header = "  ".join(f"{title:{spec.rstrip(',')}}" for _, title, spec in columns)
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print("  ".join(f"{r[key] if r[key] is not None else 'n/a':{spec}}" for key, _, spec in columns))
+
+
+def cmd_backbones(args) -> int:
     from transfer.backbones import BACKBONES, weights_cached
     from transfer.layers import PREPROCESSING
 
@@ -196,16 +209,15 @@ def cmd_backbones(args) -> int:
          "preprocessing_detail": PREPROCESSING[b.preprocessing][3], "imagenet_cached": weights_cached(b)}
         for b in BACKBONES.values()
     ]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    header = f"{'name':<18}{'family':<14}{'params':>12}  {'size':>4}  {'min':>4}  {'preprocessing':<44}{'imagenet'}"
-    print(header)
-    print("-" * len(header))
     for r in rows:
-        cached = "cached" if r["imagenet_cached"] else "download"
-        print(f"{r['name']:<18}{r['family']:<14}{r['params']:>12,}  {r['default_size']:>4}  {r['min_size']:>4}  "
-              f"{r['preprocessing'] + ' (' + r['preprocessing_detail'] + ')':<44}{cached}")
+        r["imagenet"] = "cached" if r["imagenet_cached"] else "download"
+        r["preprocessing_text"] = f"{r['preprocessing']} ({r['preprocessing_detail']})"
+    print_rows(rows, [("name", "name", "<18"), ("family", "family", "<14"), ("params", "params", ">12,"),
+                      ("default_size", "size", ">4"), ("min_size", "min", ">4"),
+                      ("preprocessing_text", "preprocessing", "<44"), ("imagenet", "imagenet", "")],
+               as_json=args.json, json_keys=[k for k in rows[0] if k not in ("imagenet", "preprocessing_text")])
+    if args.json:
+        return 0
     print("hub:<url | Kaggle handle | SavedModel dir>  TF Hub image feature-vector model "
           "(inputs scaled to [0, 1]; --unfreeze 0 or all)")
     return 0
