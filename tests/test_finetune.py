@@ -223,3 +223,25 @@ def test_backbones_command_lists_the_registry(capsys):
     for name in ("vgg16", "resnet50", "mobilenetv2", "efficientnetb0", "hub:"):
         assert name in out
     assert "14,714,688" in out
+
+
+def test_scratch_backbone_exports_with_inference_batchnorm(tmp_path):
+    """A from-scratch backbone's BatchNorm trains, but the saved model must not depend on the batch once exported."""
+    import tensorflow as tf
+
+    code = _run(tmp_path, "--backbone", "mobilenetv2", "--weights", "none", "--image-size", "48", "--unfreeze", "all",
+                "--head-epochs", "0", "--epochs", "1", "--fine-tune-lr", "1e-2", "--name", "scratch")
+    assert code == 0
+    import transfer.layers  # noqa: F401
+
+    model = keras.models.load_model(tmp_path / "runs" / "scratch" / "model.keras")
+    bn = [layer for layer in model.get_layer("mobilenetv2_1.00_48").layers
+          if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bn and not any(layer.trainable for layer in bn)
+    model.export(str(tmp_path / "sm"), format="tf_saved_model", verbose=False)
+    exported = tf.saved_model.load(str(tmp_path / "sm"))
+    serve = exported.serve
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    reference = model.predict(x, verbose=0)
+    np.testing.assert_allclose(serve(x).numpy(), reference, atol=1e-5)
+    np.testing.assert_allclose(serve(x[:1]).numpy(), reference[:1], atol=1e-5)  # no batch statistics

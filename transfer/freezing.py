@@ -96,3 +96,24 @@ def count_params(weights) -> int:
     import numpy as np
 
     return int(sum(np.prod(w.shape) for w in weights))
+
+
+def freeze_batchnorm(model) -> int:
+    """After training: every BatchNormalization layer, nested models included, stops training for good.
+
+    A backbone trained from scratch is called without ``training=False`` so its BatchNorm could learn; once
+    training is over its statistics must never move again, and exporters (Keras ``model.export``) would otherwise
+    trace such a nested BatchNorm with batch statistics, making exported predictions depend on the batch.
+    Returns how many layers were frozen.
+    """
+    import keras
+
+    frozen = 0
+    stack = [model]
+    while stack:
+        layer = stack.pop()
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
+            layer.trainable = False
+            frozen += 1
+        stack.extend(getattr(layer, "layers", []))
+    return frozen

@@ -151,6 +151,9 @@ def execute(recipe: ModelRecipe, data_cfg, augment_cfg, train_cfg: TrainConfig, 
                    num_classes=num_classes, cfg=train_cfg, unfreeze=recipe.unfreeze,
                    run_path=run_path, hub=built.hub, pretrained=built.pretrained, strategy=strategy, writer=chief)
 
+    from transfer.freezing import count_params, freeze_batchnorm
+
+    freeze_batchnorm(model)  # training is over: inference-mode BatchNorm in model.keras and every export
     t0 = time.perf_counter()
     evaluation = evaluate(model, dataset.test, dataset.classes, train_cfg.batch_size, pad_batches=replicas > 1)
     eval_seconds = time.perf_counter() - t0
@@ -167,8 +170,6 @@ def execute(recipe: ModelRecipe, data_cfg, augment_cfg, train_cfg: TrainConfig, 
     plots.plot_history(read_history(run_path / rundir.HISTORY), run_path / "plots", title)
     plots.plot_confusion(evaluation["confusion_matrix"], dataset.classes, run_path / "plots" / "confusion.png",
                          f"{title}: test confusion")
-
-    from transfer.freezing import count_params
 
     final_phase = result.phases[-1] if result.phases else {}
     manifest = {
