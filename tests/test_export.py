@@ -43,7 +43,7 @@ def tiny_export(tiny_run):
 
 
 @pytest.fixture(scope="module")
-def test_split(tiny_run):
+def held_out_split(tiny_run):
     from export.exporter import load_run_dataset
 
     manifest = json.loads((tiny_run / "manifest.json").read_text())
@@ -52,16 +52,16 @@ def test_split(tiny_run):
 
 
 @pytest.fixture(scope="module")
-def keras_probs(tiny_run, test_split):
+def keras_probs(tiny_run, held_out_split):
     import keras
 
     import transfer.layers  # noqa: F401
 
-    return keras.models.load_model(tiny_run / "model.keras").predict(test_split[0], verbose=0)
+    return keras.models.load_model(tiny_run / "model.keras").predict(held_out_split[0], verbose=0)
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_every_format_round_trips_and_verifies(tiny_export, test_split, keras_probs, name):
+def test_every_format_round_trips_and_verifies(tiny_export, held_out_split, keras_probs, name):
     out, manifest = tiny_export
     row = FORMATS[name]
     entry = manifest["export"]["formats"][name]
@@ -73,7 +73,7 @@ def test_every_format_round_trips_and_verifies(tiny_export, test_split, keras_pr
     assert report["passed"] and report["samples"] == 60
     # the artifact loads in its own runtime and agrees with Keras, checked by the same function export uses
     predictor = row.load(out / row.file)
-    again = verify(keras_probs, predictor, test_split[0], test_split[1], row.thresholds)
+    again = verify(keras_probs, predictor, held_out_split[0], held_out_split[1], row.thresholds)
     assert again["passed"], again["failures"]
     assert again["max_abs_diff"] == pytest.approx(report["max_abs_diff"], abs=1e-6)
 
