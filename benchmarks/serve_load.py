@@ -1,10 +1,15 @@
 """Load test of `transfer serve` on loopback: throughput and latency percentiles at several concurrencies against raw
 in-process ONNX Runtime throughput, then a run with malformed requests mixed in (expects zero 5xx).
 
-    python benchmarks/serve_load.py [--export DIR] [--requests 400] [--seconds 20]
+    python benchmarks/serve_load.py [--export DIR] [--requests 3000] [--seconds 10]
 
 Without --export it builds a small CNN export (64x64 input) with tests/serve_fixtures.py (needs TensorFlow once).
 Bounded: at most --requests requests and --seconds seconds per level; the server binds 127.0.0.1 only.
+
+"Raw" is the best of two in-process ways to run the model at --max-batch with every core busy: one session stream
+using all intra-op threads, and one single-threaded stream per core (the server's default layout). Both are
+printed; ratios use the higher. The load generator is a minimal keep-alive HTTP/1.1 client on asyncio streams, so
+that on a small machine its own CPU (printed) takes as little as possible from the server it shares the cores with.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from serve.inputs import decode_all  # noqa: E402
 from serve.model import OnnxModel, read_export  # noqa: E402
+from serve.settings import available_cores  # noqa: E402
 
 
 def _free_port() -> int:
@@ -57,66 +65,118 @@ MALFORMED = [
 ]
 
 
-def raw_throughput(model: OnnxModel, batch: int, seconds: float = 3.0) -> float:
-    """Images per second of session.run at ``batch`` in this process."""
+def raw_throughput(model: OnnxModel, batch: int, streams: int = 1, seconds: float = 3.0) -> float:
+    """Images per second of session.run at ``batch`` in this process, ``streams`` threads calling it at once."""
     x = np.random.default_rng(0).uniform(0, 255, (batch, *model.export.input_shape)).astype(np.float32)
     model.run(x)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        model.run(x)
-        done += batch
-    return done / (time.perf_counter() - start)
+    done, stop = [0] * streams, time.perf_counter() + seconds
+
+    def stream(i: int) -> None:
+        while time.perf_counter() < stop:
+            model.run(x)
+            done[i] += batch
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done) / (time.perf_counter() - start)
 
 
-async def load(url: str, blobs: list[bytes], expected: list[tuple[str, float]], concurrency: int, requests: int,
-               seconds: float, malformed: float = 0.0) -> dict:
-    import httpx
+class Connection:
+    """One keep-alive HTTP/1.1 connection: requests in, (status, body) out; reconnects if the server closed it."""
 
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port, self.reader, self.writer = host, port, None, None
+
+    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        if self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {content_type}\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+        if "content-length" not in headers:
+            raise RuntimeError(f"response without Content-Length: {lines[0]}")
+        data = await self.reader.readexactly(int(headers["content-length"]))
+        if headers.get("connection") == "close":
+            self.writer.close()
+        return int(lines[0].split()[1]), data
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def load(port: int, path: str, blobs: list[bytes], expected: list[tuple[str, float]], concurrency: int,
+               requests: int, seconds: float, malformed: float = 0.0) -> dict:
     rng = np.random.default_rng(concurrency)
     plan = [("bad", int(rng.integers(len(MALFORMED)))) if rng.random() < malformed else ("ok", i % len(blobs))
             for i in range(requests)]
     latencies, statuses, wrong = [], {}, 0
     cursor = 0
     deadline = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
 
-        async def worker():
-            nonlocal cursor, wrong
+    async def worker():
+        nonlocal cursor, wrong
+        conn = Connection("127.0.0.1", port)
+        try:
             while cursor < len(plan) and time.monotonic() < deadline:
                 kind, i = plan[cursor]
                 cursor += 1
                 body, ctype = (blobs[i], "image/png") if kind == "ok" else MALFORMED[i]
                 t0 = time.perf_counter()
-                r = await client.post(url, content=body, headers={"content-type": ctype})
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                status, data = await conn.post(path, body, ctype)
+                statuses[status] = statuses.get(status, 0) + 1
                 if kind == "ok":
                     latencies.append(time.perf_counter() - t0)
-                    top = r.json()["predictions"][0][0] if r.status_code == 200 else None
+                    top = json.loads(data)["predictions"][0][0] if status == 200 else None
                     if top is None or top["label"] != expected[i][0] or abs(top["score"] - expected[i][1]) > 1e-5:
                         wrong += 1
-                elif r.status_code < 400 or r.status_code >= 500:
+                elif status < 400 or status >= 500:
                     wrong += 1
+        finally:
+            conn.close()
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+    cpu, start = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
     lat = np.asarray(latencies) * 1000
     return {"concurrency": concurrency, "requests": sum(statuses.values()), "valid": len(latencies),
             "throughput": len(latencies) / wall, "p50": np.percentile(lat, 50), "p95": np.percentile(lat, 95),
-            "p99": np.percentile(lat, 99), "statuses": statuses, "wrong": wrong,
-            "5xx": sum(v for k, v in statuses.items() if k >= 500)}
+            "p99": np.percentile(lat, 99), "statuses": statuses, "wrong": wrong, "wall": wall,
+            "client_cpu": (time.process_time() - cpu) / wall, "5xx": sum(v for k, v in statuses.items() if k >= 500)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc), 0 where that is not available."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _batch_stats(text: str) -> tuple[float, float]:
+    """(sum, count) of the batch-size histogram in a /metrics text."""
+    values = {line.split("{")[0]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith(("serve_batch_size_sum", "serve_batch_size_count"))}
+    return values.get("serve_batch_size_sum", 0.0), values.get("serve_batch_size_count", 0.0)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export", help="export directory to serve (default: build a small CNN export)")
-    parser.add_argument("--requests", type=int, default=400, help="requests per level (bound)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="seconds per level (bound)")
+    parser.add_argument("--requests", type=int, default=3000, help="requests per level (bound)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds per level (bound)")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--batch-timeout-ms", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="server --threads (default auto)")
+    parser.add_argument("--streams", type=int, default=0, help="server --streams (default auto)")
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
@@ -127,20 +187,23 @@ def main() -> int:
 
         export_dir = build_export(Path(tmp.name) / "bench", size=(64, 64), formats=("onnx",), width=16, blocks=3)
     export = read_export(export_dir)
-    model = OnnxModel(export, threads=args.threads)
+    cores = available_cores()
+    all_threads, one_thread = OnnxModel(export, threads=cores), OnnxModel(export, threads=1)
     blobs = _images(64, export.size)
-    probs = model.run(decode_all(blobs, export.size, 10**8))
+    probs = all_threads.run(decode_all(blobs, export.size, 10**8))
     expected = [(export.classes[int(p.argmax())], float(p.max())) for p in probs]
-    raw = {b: raw_throughput(model, b) for b in (1, args.max_batch)}
-    raw_with_decode_start = time.perf_counter()
-    for i in range(0, len(blobs), args.max_batch):
-        model.run(decode_all(blobs[i:i + args.max_batch], export.size, 10**8))
-    raw_decode = len(blobs) / (time.perf_counter() - raw_with_decode_start)
+
+    def raw_now(seconds: float) -> dict[str, float]:
+        return {"1 stream x all threads": raw_throughput(all_threads, args.max_batch, 1, seconds),
+                f"{cores} streams x 1 thread": raw_throughput(one_thread, args.max_batch, cores, seconds)}
+
+    raw_batch1 = raw_throughput(all_threads, 1)
+    first_raw = raw_now(3.0)
 
     port = _free_port()
     cmd = [sys.executable, "-m", "serve", str(export_dir), "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(args.max_batch), "--batch-timeout-ms", str(args.batch_timeout_ms),
-           "--threads", str(args.threads), "--log-level", "warning"]
+           "--threads", str(args.threads), "--streams", str(args.streams), "--log-level", "warning"]
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         from serve.client import ServeClient
@@ -150,35 +213,44 @@ def main() -> int:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("server did not start")
             time.sleep(0.2)
-        url = f"http://127.0.0.1:{port}/v1/models/{export.name}:classify?top_k=1"
-        asyncio.run(load(url, blobs, expected, 4, 40, 10))  # warm connections and caches
+        path = f"/v1/models/{export.name}:classify?top_k=1"
+        asyncio.run(load(port, path, blobs, expected, 4, 200, 10))  # warm connections and caches
         rows = []
         for c in [int(c) for c in args.concurrency.split(",")] + [-32]:
-            # Raw throughput re-measured next to each level: the machine's other load changes over a run.
-            raw_now = raw_throughput(model, args.max_batch, 2.0)
-            rows.append(asyncio.run(load(url, blobs, expected, abs(c), args.requests, args.seconds,
-                                         malformed=0.2 if c < 0 else 0.0)) | {"raw": raw_now})
+            # Raw throughput measured right before and right after each level (the mean is used): this machine's
+            # speed drifts over a run by more than the differences being measured.
+            raw_before = raw_now(2.0)
+            batches, cpu = _batch_stats(api.metrics()), _cpu_seconds(server.pid)
+            row = asyncio.run(load(port, path, blobs, expected, abs(c), args.requests, args.seconds,
+                                   malformed=0.2 if c < 0 else 0.0))
+            after, server_cpu = _batch_stats(api.metrics()), _cpu_seconds(server.pid) - cpu
+            raw_after = raw_now(2.0)
+            raw = {name: (raw_before[name] + raw_after[name]) / 2 for name in raw_before}
+            row |= {"raw": max(raw.values()), "raw_default": raw["1 stream x all threads"],
+                    "server_cpu": server_cpu / row["wall"],
+                    "batch": (after[0] - batches[0]) / max(after[1] - batches[1], 1)}
+            rows.append(row)
         mixed = rows.pop()
-        batches = [line for line in api.metrics().splitlines() if line.startswith("serve_batch_size_")
-                   and ("_sum" in line or "_count" in line)]
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)
         tmp.cleanup()
 
-    best_raw = raw[args.max_batch]
     print(f"\nmodel {export.name}: input {list(export.input_shape)}, {len(export.classes)} classes; "
-          f"{os.cpu_count()} CPUs shared by load generator and server")
-    print(f"raw in-process ORT: {raw[1]:.0f} img/s at batch 1, {best_raw:.0f} img/s at batch {args.max_batch}; "
-          f"PNG decode + ORT: {raw_decode:.0f} img/s")
-    print("\n| run | concurrency | requests | req/s | raw img/s | vs raw | p50 ms | p95 ms | p99 ms | 5xx | wrong |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"{cores} CPUs shared by the load generator and the server")
+    print(f"raw in-process ORT at batch {args.max_batch}: "
+          + ", ".join(f"{name} {value:.0f} img/s" for name, value in first_raw.items())
+          + f" (batch 1: {raw_batch1:.0f} img/s); both re-measured before and after each level")
+    print("\n'vs raw' divides by the better raw layout, 'vs 1-stream raw' by one session call using every core.")
+    print("\n| run | concurrency | requests | req/s | raw img/s | vs raw | vs 1-stream raw | p50 ms | p95 ms | p99 ms "
+          "| avg batch | server CPU | client CPU | 5xx | wrong |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in [("valid", r) for r in rows] + [("20% malformed", mixed)]:
         print(f"| {name} | {r['concurrency']} | {r['requests']} | {r['throughput']:.0f} | {r['raw']:.0f} | "
-              f"{r['throughput'] / r['raw']:.2f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
-              f"{r['5xx']} | {r['wrong']} |")
+              f"{r['throughput'] / r['raw']:.2f} | {r['throughput'] / r['raw_default']:.2f} | "
+              f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
+              f"{r['batch']:.1f} | {r['server_cpu']:.0%} | {r['client_cpu']:.0%} | {r['5xx']} | {r['wrong']} |")
     print(f"\nstatus counts of the malformed run: {dict(sorted(mixed['statuses'].items()))}")
-    print("batch sizes: " + "; ".join(batches))
     failed = mixed["5xx"] or any(r["wrong"] or r["5xx"] for r in rows) or mixed["wrong"]
     return 1 if failed else 0
 

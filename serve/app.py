@@ -12,14 +12,23 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from serve.engine import Batcher, Overloaded
-from serve.inputs import ApiError, b64_images, decode_all, parse_json, pixel_batch
+from serve.engine import Batcher, Overloaded, tune_switch_interval
+from serve.inputs import (
+    INLINE_PIXELS,
+    ApiError,
+    b64_images,
+    decode_opened,
+    open_images,
+    parse_json,
+    pixel_batch,
+    pixel_count,
+)
 from serve.metrics import Metrics
 from serve.model import NAME_PATTERN, OnnxModel, discover
 from serve.settings import Settings
@@ -41,6 +50,9 @@ class Served:
 
 def _error(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "type": kind, "status": status}, status_code=status, headers=headers)
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class _Limits:
@@ -87,18 +99,40 @@ class _Limits:
 
             await self.app(scope, limited_receive, send_and_record)
         finally:
-            route, method = self._route(scope), scope.get("method", "")
-            self.metrics.requests.labels(route, method, str(status[0])).inc()
-            self.metrics.latency.labels(route, method).observe(time.perf_counter() - started)
+            # The router leaves the matched route in the scope; only requests refused before routing are matched here.
+            route = getattr(scope.get("route"), "path", None) or self._route(scope)
+            method = scope.get("method", "")
+            method = method if method in _METHODS else "OTHER"  # clients choose methods: keep label values bounded
+            self.metrics.observe_request(route, method, status[0], time.perf_counter() - started)
 
 
-_CLASSIFY_BODY = {"requestBody": {"content": {
-    "image/*": {"schema": {"type": "string", "format": "binary"}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-    "application/json": {"schema": {"type": "object", "properties": {
-        "instances": {"type": "array", "items": {"type": "object", "properties": {"b64": {"type": "string"}}}}}}},
-}}}
+_TOP_K_MAX = 100_000
+_CLASSIFY_OPENAPI = {
+    "parameters": [
+        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}, "description": "model name"},
+        {"name": "top_k", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": _TOP_K_MAX},
+         "description": "labels per image (default 5, at most the number of classes)"},
+    ],
+    "requestBody": {"content": {
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "application/json": {"schema": {"type": "object", "properties": {
+            "instances": {"type": "array", "items": {"type": "object", "properties": {"b64": {"type": "string"}}}}}}},
+    }},
+}
+
+
+def _top_k(value: str | None) -> int | None:
+    """The ``top_k`` query parameter: None when absent, else an integer 1.._TOP_K_MAX (422 otherwise)."""
+    if value is None:
+        return None
+    if not value.strip().isdigit() or not 1 <= int(value) <= _TOP_K_MAX:
+        raise ApiError(422, "invalid_parameter", f"top_k={value!r} must be an integer from 1 to {_TOP_K_MAX}")
+    return int(value)
+
+
 _PREDICT_BODY = {"requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
     "instances": {"type": "array", "description": "rows: [H][W][3] float pixels 0..255, or {input_name: ...}"},
     "inputs": {"description": "columns: [N][H][W][3], or {input_name: [N][H][W][3]}"},
@@ -115,15 +149,17 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         exports = discover(settings.export_dirs, settings.model_repo)
+        threads, streams = settings.parallelism()
         for export in exports:
-            model = await asyncio.to_thread(OnnxModel, export, settings.threads)
+            model = await asyncio.to_thread(OnnxModel, export, threads)
             if settings.warmup:
                 await asyncio.to_thread(model.warm_up, tuple(sorted({1, settings.max_batch})))
             batcher = Batcher(model, settings.max_batch, settings.batch_timeout_ms / 1000, metrics,
-                              settings.max_queue_images)
+                              settings.max_queue_images, streams)
             await batcher.start()
             served[export.name] = Served(model, batcher)
-            log.info("serving %s from %s", export.name, export.path)
+            log.info("serving %s from %s (%d inference streams x %d threads)", export.name, export.path, streams,
+                     threads)
         state["ready"] = True
         try:
             yield
@@ -164,7 +200,7 @@ def create_app(settings: Settings) -> FastAPI:
         log.exception("internal error on %s", request.url.path)
         return _error(500, "internal", "internal server error")
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:  # async: FastAPI would run a plain def in a thread pool
         if settings.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -215,11 +251,14 @@ def create_app(settings: Settings) -> FastAPI:
         raise ApiError(415, "unsupported_media_type",
                        f"unsupported Content-Type {content_type!r}; send image/*, multipart/form-data or JSON")
 
-    @app.post("/v1/models/{name}:classify", tags=["inference"], dependencies=[Depends(authorize)],
-              openapi_extra=_CLASSIFY_BODY)
-    async def classify(name: str, request: Request,
-                       top_k: int | None = Query(None, ge=1, le=100_000, description="labels per image")):
+    # The hot path takes its parameters from the request itself, not through FastAPI's dependency injection and
+    # validation, and returns ready-made JSON: together they were about a third of the event loop's time per request.
+    @app.post("/v1/models/{name}:classify", tags=["inference"], openapi_extra=_CLASSIFY_OPENAPI)
+    async def classify(request: Request) -> JSONResponse:
         """Top-k labels and scores for one or many images (raw bytes, multipart files, or JSON base64)."""
+        await authorize(request)
+        top_k = _top_k(request.query_params.get("top_k"))
+        name = request.path_params["name"]
         entry = lookup(name)
         stage = ["reading"]
 
@@ -227,20 +266,24 @@ def create_app(settings: Settings) -> FastAPI:
             with entry.batcher.expect() as expectation:
                 blobs = await read_images(request)
                 stage[0] = "decoding"
-                loop = asyncio.get_running_loop()
-                images = await loop.run_in_executor(decode_pool, decode_all, blobs, entry.model.export.size,
-                                                    settings.max_pixels)
+                opened = open_images(blobs, settings.max_pixels)
+                size = entry.model.export.size
+                if pixel_count(opened) <= INLINE_PIXELS:
+                    images = decode_opened(opened, size)
+                else:  # large images decode off the event loop
+                    images = await asyncio.get_running_loop().run_in_executor(decode_pool, decode_opened, opened, size)
                 stage[0] = "inference"
                 return await run(entry, expectation, images)
 
         probabilities = await bounded(work(), stage)
-        k = min(top_k or settings.default_top_k, len(entry.model.export.classes))
         classes = entry.model.export.classes
+        k = min(top_k or settings.default_top_k, len(classes))
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-        return {"model": name, "predictions": [
-            [{"label": classes[j], "index": int(j), "score": float(row[j])} for j in top]
-            for row, top in zip(probabilities, order, strict=True)
-        ]}
+        scores = np.take_along_axis(probabilities, order, axis=1).tolist()
+        return JSONResponse({"model": name, "predictions": [
+            [{"label": classes[j], "index": j, "score": score} for j, score in zip(top, row, strict=True)]
+            for top, row in zip(order.tolist(), scores, strict=True)
+        ]})
 
     @app.post("/v1/models/{name}:predict", tags=["inference"], dependencies=[Depends(authorize)],
               openapi_extra=_PREDICT_BODY)
@@ -302,4 +345,5 @@ def create_app(settings: Settings) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory`` worker processes (settings from the environment)."""
+    tune_switch_interval()
     return create_app(Settings.from_env())

@@ -24,7 +24,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="largest inference batch (default 32)")
     p.add_argument("--batch-timeout-ms", type=float, default=5.0,
                    help="how long a batch waits for more requests on their way (default 5)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per model (0 = per core)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads per inference stream (default 0 = auto)")
+    p.add_argument("--streams", type=int, default=0,
+                   help="batches of one model run at the same time (default 0 = auto: one 1-thread stream per core)")
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 (or set {API_KEY_ENV})")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (default 16 MB)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, in pixels (default 40M)")
@@ -38,6 +41,7 @@ def settings_from_args(args) -> Settings:
     return Settings(
         export_dirs=tuple(args.export_dirs), model_repo=args.model_repo, host=args.host, port=args.port,
         workers=args.workers, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms, threads=args.threads,
+        streams=args.streams,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_body_bytes=int(args.max_body_mb * 2**20),
         max_pixels=args.max_pixels, max_images=args.max_images, request_timeout_s=args.request_timeout,
     )
@@ -50,6 +54,9 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     from serve.model import discover
 
     exports = discover(settings.export_dirs, settings.model_repo)  # fail with one line before uvicorn starts
+    from serve.engine import tune_switch_interval
+
+    tune_switch_interval()
     print(f"serving {', '.join(e.name for e in exports)} on http://{settings.host}:{settings.port} "
           f"(docs at /docs, metrics at /metrics)", file=sys.stderr, flush=True)
     if settings.workers == 1:

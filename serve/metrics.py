@@ -29,8 +29,19 @@ class Metrics:
                                  multiprocess_mode="livesum", registry=r)
         self.inference = Histogram("serve_inference_duration_seconds", "ONNX Runtime time per batch", ["model"],
                                    buckets=LATENCY_BUCKETS, registry=r)
+        self._request_children: dict[tuple[str, str, int], tuple] = {}
         self.rejected = Counter("serve_rejected", "requests refused before inference, by reason", ["reason"],
                                 registry=r)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one HTTP request and its latency (label children cached: this runs on every request)."""
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, method, str(status)), self.latency.labels(route, method))
+            self._request_children[key] = children  # bounded: routes are templates, statuses a few dozen
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         """The text exposition; across worker processes when PROMETHEUS_MULTIPROC_DIR is set."""

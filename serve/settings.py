@@ -11,6 +11,13 @@ from transfer.errors import UserError
 ENV_VAR = "TRANSFER_SERVE_SETTINGS"  # how `--workers N` hands the settings to each worker process
 
 
+def available_cores() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Settings:
     """What to serve and how; invalid values raise UserError on construction."""
@@ -22,7 +29,8 @@ class Settings:
     workers: int = 1
     max_batch: int = 32
     batch_timeout_ms: float = 5.0
-    threads: int = 0  # ONNX Runtime intra-op threads per model (0 = one per core)
+    threads: int = 0  # ONNX Runtime intra-op threads per inference stream (0 = auto, see parallelism())
+    streams: int = 0  # batches of one model that run at the same time (0 = auto)
     api_key: str | None = field(default=None, repr=False)
     max_body_bytes: int = 16 * 1024 * 1024
     max_pixels: int = 40_000_000  # per image, checked on the header before decoding
@@ -41,7 +49,7 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
-        for name in ("batch_timeout_ms", "threads"):
+        for name in ("batch_timeout_ms", "threads", "streams"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
         if self.request_timeout_s <= 0:
@@ -50,6 +58,22 @@ class Settings:
             raise UserError(f"port={self.port} is out of range 0..65535")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("--api-key is empty; omit it to disable authentication")
+
+    def parallelism(self, cores: int | None = None) -> tuple[int, int]:
+        """(intra-op threads, streams) per model in one worker process, filling its share of the cores.
+
+        Auto prefers streams of one thread each: on small CPU models several batches running side by side beat
+        one batch split across threads (measured by benchmarks/serve_load.py, which reports both raw figures).
+        """
+        cores = cores or available_cores()
+        share = max(1, cores // self.workers)
+        if self.threads and self.streams:
+            return self.threads, self.streams
+        if self.threads:
+            return self.threads, max(1, share // self.threads)
+        if self.streams:
+            return max(1, share // self.streams), self.streams
+        return 1, share
 
     def to_env(self) -> str:
         """JSON for ENV_VAR (the API key included: the environment of our own worker processes)."""

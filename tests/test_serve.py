@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -158,6 +159,10 @@ def test_model_listing_status_metadata_health_docs(client, export_dir):
     assert meta["source_run"] == "artifacts/runs/tiny" and meta["exported"] == manifest["export"]["exported"]
     spec = client.get("/openapi.json").json()
     assert "/v1/models/{name}:classify" in spec["paths"] and client.get("/docs").status_code == 200
+    params = {p["name"]: p for p in spec["paths"]["/v1/models/{name}:classify"]["post"]["parameters"]}
+    assert params["name"]["in"] == "path" and params["top_k"]["schema"]["minimum"] == 1
+    assert set(spec["paths"]["/v1/models/{name}:classify"]["post"]["requestBody"]["content"]) == {
+        "image/*", "multipart/form-data", "application/json"}
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -250,6 +255,16 @@ def test_pixel_limit_on_a_real_image(client):
     assert r.status_code == 413 and r.json()["type"] == "image_too_large"
 
 
+def test_request_metrics_keep_label_values_bounded(client):
+    for method in ("BREW", "PROPFIND"):  # clients choose methods; each would otherwise become a time series
+        assert client.request(method, "/healthz").status_code == 405
+    client.post("/v1/models/tiny:classify", content=b"x" * 10)
+    text = client.get("/metrics").text
+    assert 'serve_requests_total{method="OTHER",route="/healthz",status="405"} 2.0' in text
+    assert 'method="BREW"' not in text and 'method="PROPFIND"' not in text
+    assert 'serve_requests_total{method="POST",route="/v1/models/{name}:classify",status="400"}' in text
+
+
 def test_no_5xx_recorded_after_the_matrix(client):
     for case in MALFORMED:
         action, kwargs, _ = MALFORMED[case]
@@ -264,14 +279,15 @@ def test_no_5xx_recorded_after_the_matrix(client):
 # ---------------------------------------------------------------------------------------------- batching
 
 
-def test_coalesced_batches_equal_one_by_one(export_dir):
-    model = OnnxModel(read_export(export_dir))
+@pytest.mark.parametrize("streams", [1, 2])
+def test_coalesced_batches_equal_one_by_one(export_dir, streams):
+    model = OnnxModel(read_export(export_dir), threads=1)
     images = [np.asarray(decode_image(io.BytesIO(_png(p)), 32), np.float32) for p in _images(19)]
     singles = [model.run(x[None])[0] for x in images]
     metrics = Metrics()
 
     async def scenario():
-        batcher = Batcher(model, max_batch=8, timeout_s=0.05, metrics=metrics)
+        batcher = Batcher(model, max_batch=8, timeout_s=0.05, metrics=metrics, streams=streams)
         await batcher.start()
         try:
             many = [batcher.infer(x[None]) for x in images[:12]]  # queued together: coalesced
@@ -290,6 +306,80 @@ def test_coalesced_batches_equal_one_by_one(export_dir):
     assert batches < 12 + 1 + 3  # fewer batches than requests: they were coalesced
     assert sizes("serve_batch_size_bucket", {"model": "tiny", "le": "8.0"}) == batches  # never above max_batch
     assert sizes("serve_batch_size_sum", {"model": "tiny"}) == 38
+
+
+class _Rendezvous:
+    """A stand-in model whose batches finish only when ``parties`` of them run at the same time."""
+
+    name = "rendezvous"
+
+    def __init__(self, parties: int, timeout: float) -> None:
+        self.barrier = threading.Barrier(parties, timeout=timeout)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.barrier.wait()
+        return batch.reshape(len(batch), -1)[:, :2]
+
+
+@pytest.mark.parametrize("streams, finishes", [(2, True), (1, False)])
+def test_streams_run_batches_at_the_same_time(streams, finishes):
+    model = _Rendezvous(parties=2, timeout=5 if finishes else 0.5)
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
+
+    async def scenario():
+        batcher = Batcher(model, max_batch=1, timeout_s=0.0, metrics=Metrics(), streams=streams)
+        await batcher.start()
+        try:
+            return await asyncio.gather(batcher.infer(images[:1]), batcher.infer(images[1:]), return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    first, second = asyncio.run(scenario())
+    if finishes:  # two one-image batches met at the barrier: they ran side by side
+        np.testing.assert_array_equal(first, images[:1].reshape(1, -1)[:, :2])
+        np.testing.assert_array_equal(second, images[1:].reshape(1, -1)[:, :2])
+    else:  # one stream: the second batch waits for the first, which waits for a partner that never comes
+        assert isinstance(first, threading.BrokenBarrierError)
+
+
+@pytest.mark.parametrize("cores, overrides, expected", [
+    (2, {}, (1, 2)),  # auto: one single-threaded stream per core
+    (8, {}, (1, 8)),
+    (1, {}, (1, 1)),
+    (8, {"workers": 3}, (1, 2)),  # each worker process fills its share of the cores
+    (2, {"threads": 2}, (2, 1)),
+    (8, {"threads": 2}, (2, 4)),
+    (8, {"streams": 2}, (4, 2)),
+    (2, {"threads": 1, "streams": 3}, (1, 3)),  # both given: taken as they are
+])
+def test_parallelism_fills_the_cores(export_dir, cores, overrides, expected):
+    assert Settings(export_dirs=(str(export_dir),), **overrides).parallelism(cores) == expected
+
+
+def test_negative_streams_are_refused(export_dir):
+    with pytest.raises(UserError, match="streams=-1"):
+        Settings(export_dirs=(str(export_dir),), streams=-1)
+
+
+def test_small_and_large_images_decode_alike(export_dir, monkeypatch):
+    """Small images decode on the event loop, large ones in a thread: the answers must not depend on which."""
+    import serve.app
+
+    big = np.kron(_images(1, seed=9)[0], np.ones((10, 10, 1), np.uint8))  # 240x400: above INLINE_PIXELS
+    bodies = [_png(big), _png(_images(1, seed=8)[0])]
+    assert big.shape[0] * big.shape[1] > serve.app.INLINE_PIXELS
+    model = OnnxModel(read_export(export_dir))
+    offline = model.run(np.stack([decode_image(io.BytesIO(b), 32) for b in bodies]).astype(np.float32))
+    answers = {}
+    for inline in (0, 10**9):  # everything in the thread pool, then everything on the loop
+        monkeypatch.setattr(serve.app, "INLINE_PIXELS", inline)
+        with TestClient(create_app(Settings(export_dirs=(str(export_dir),)))) as c:
+            answers[inline] = [c.post("/v1/models/tiny:classify?top_k=3", content=b).json()["predictions"][0]
+                               for b in bodies]
+    assert answers[0] == answers[10**9]
+    for answer, probabilities in zip(answers[0], offline, strict=True):
+        assert [p["index"] for p in answer] == list(np.argsort(-probabilities, kind="stable")[:3])
+        np.testing.assert_allclose([p["score"] for p in answer], np.sort(probabilities)[::-1][:3], atol=1e-6)
 
 
 def test_concurrent_http_requests_are_batched_and_correct(export_dir, files):

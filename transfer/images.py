@@ -30,21 +30,36 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(source: Path | str | BinaryIO, size: int | tuple[int, int], *, max_pixels: int | None = None,
-                 formats: tuple[str, ...] | None = None) -> np.ndarray:
-    """One image (a path or a binary file object) as a uint8 RGB array: EXIF-rotated, first frame, bilinear resize.
+def open_image(source: Path | str | BinaryIO, *, max_pixels: int | None = None,
+               formats: tuple[str, ...] | None = None) -> Image.Image:
+    """An image opened lazily: only its header is read, so the caller can see its size before paying to decode it.
 
-    ``size`` is a square side or ``(height, width)``. With ``max_pixels``, an image whose header announces more
-    pixels raises ImageTooLarge before anything is decoded; ``formats`` limits which Pillow plugins may open the
-    data (untrusted input should not reach every plugin Pillow has). Raises the decoder's exception (one of
-    DECODE_ERRORS) for unreadable data.
+    With ``max_pixels``, an image whose header announces more pixels raises ImageTooLarge; ``formats`` limits which
+    Pillow plugins may open the data (untrusted input should not reach every plugin Pillow has). Raises the
+    decoder's exception (one of DECODE_ERRORS) for data that is no image.
+    """
+    image = Image.open(source, formats=formats)
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        image.close()
+        raise ImageTooLarge(f"image is {image.width}x{image.height} pixels; at most {max_pixels:,} are accepted")
+    return image
+
+
+def image_to_array(image: Image.Image, size: int | tuple[int, int]) -> np.ndarray:
+    """An opened image (closed here) as uint8 RGB: EXIF-rotated, first frame, bilinear resize to ``size``.
+
+    ``size`` is a square side or ``(height, width)``. Raises one of DECODE_ERRORS for truncated or corrupt data.
     """
     height, width = (size, size) if isinstance(size, int) else size
-    with Image.open(source, formats=formats) as image:
-        if max_pixels is not None and image.width * image.height > max_pixels:
-            raise ImageTooLarge(f"image is {image.width}x{image.height} pixels; at most {max_pixels:,} are accepted")
+    with image:
         image.draft("RGB", (width, height))  # JPEG only: decode at a reduced scale that is still >= size
         image.seek(0)
         image.load()
         rgb = to_rgb(ImageOps.exif_transpose(image))
     return np.asarray(rgb.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def decode_image(source: Path | str | BinaryIO, size: int | tuple[int, int], *, max_pixels: int | None = None,
+                 formats: tuple[str, ...] | None = None) -> np.ndarray:
+    """One image (a path or a binary file object) as a uint8 RGB array: ``open_image`` then ``image_to_array``."""
+    return image_to_array(open_image(source, max_pixels=max_pixels, formats=formats), size)
