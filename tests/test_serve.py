@@ -356,6 +356,18 @@ def test_parallelism_fills_the_cores(export_dir, cores, overrides, expected):
     assert Settings(export_dirs=(str(export_dir),), **overrides).parallelism(cores) == expected
 
 
+@pytest.mark.parametrize("cpu_max, cap", [("250000 100000\n", 3), ("50000 100000", 1), ("max 100000", None),
+                                          ("garbage", None), (None, None)])
+def test_available_cores_follow_a_cgroup_quota(tmp_path, cpu_max, cap):
+    from serve.settings import available_cores
+
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    unlimited = available_cores(str(tmp_path / "absent"))
+    assert available_cores(str(path)) == (min(cap, unlimited) if cap else unlimited)
+
+
 def test_negative_streams_are_refused(export_dir):
     with pytest.raises(UserError, match="streams=-1"):
         Settings(export_dirs=(str(export_dir),), streams=-1)
