@@ -394,6 +394,26 @@ def test_small_and_large_images_decode_alike(export_dir, monkeypatch):
         np.testing.assert_allclose([p["score"] for p in answer], np.sort(probabilities)[::-1][:3], atol=1e-6)
 
 
+def test_request_timeout_is_a_503_and_the_server_recovers(export_dir, monkeypatch):
+    settings = Settings(export_dirs=(str(export_dir),), request_timeout_s=0.3)
+    fast_run = OnnxModel.run
+
+    def slow_run(self, batch):
+        time.sleep(1.0)
+        return fast_run(self, batch)
+
+    with TestClient(create_app(settings)) as c:  # warmed up at full speed
+        monkeypatch.setattr(OnnxModel, "run", slow_run)
+        slow = c.post("/v1/models/tiny:classify", content=_RED)
+        assert slow.status_code == 503 and slow.json()["type"] == "timeout" and "0.3 s" in slow.json()["error"]
+        monkeypatch.setattr(OnnxModel, "run", fast_run)
+        time.sleep(1.0)  # the batch that was already running finishes; its answer has nobody to go to
+        ok = c.post("/v1/models/tiny:classify?top_k=1", content=_RED)
+        assert ok.status_code == 200 and ok.json()["predictions"][0][0]["label"] == "red"
+        assert 'serve_requests_total{method="POST",route="/v1/models/{name}:classify",status="503"} 1.0' in \
+            c.get("/metrics").text
+
+
 def test_concurrent_http_requests_are_batched_and_correct(export_dir, files):
     from concurrent.futures import ThreadPoolExecutor
 
