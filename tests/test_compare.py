@@ -178,14 +178,23 @@ def test_report_files_and_numbers_come_from_the_runs(two_cell_report):
     assert html.count("data:image/png;base64,") == len(PLOTS) and "<table>" in html
 
 
-def test_running_again_trains_nothing(two_cell_report, capsys):
+def test_running_again_trains_nothing_and_keeps_other_files(two_cell_report, capsys):
     artifacts, _ = two_cell_report
     models = sorted((artifacts / "runs").glob("*/model.keras"))
     before = {p: p.stat().st_mtime_ns for p in models}
+    report = artifacts / "reports" / "two"
+    (report / "pipeline.html").write_text("<p>a pipeline's page</p>")  # not the compare report's to delete
+    (report / "plots" / "stale.png").write_bytes(b"old plot")
+    leaderboard = report / "leaderboard.json"
+    os.utime(leaderboard, ns=(0, 0))
     assert _compare(artifacts, *TWO_CELLS, "--name", "two") == 0
     out = capsys.readouterr().out
     assert out.count("already complete") == 2 and "phase " not in out
     assert {p: p.stat().st_mtime_ns for p in models} == before
+    assert (report / "pipeline.html").read_text() == "<p>a pipeline's page</p>"
+    assert not (report / "plots" / "stale.png").exists() and list((report / "plots").glob("*.png"))
+    assert leaderboard.stat().st_mtime_ns > 0  # the report itself was rewritten
+    assert sorted(p.name for p in (artifacts / "reports").iterdir()) == ["two"]  # no temporary directory left
 
 
 def test_seeds_give_mean_and_std_of_real_runs(tmp_path, capsys):

@@ -605,8 +605,28 @@ Accuracy: mean ± sample std over seeds. Latency: median of batch-1 calls on one
 """
 
 
+# What a compare report consists of; leaderboard.json is swapped in last, so it never describes files not yet written.
+REPORT_DIRS = ("plots",)
+REPORT_FILES = ("leaderboard.md", "leaderboard.csv", "report.html", "winners.json", "leaderboard.json")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Move the report written in ``tmp`` into ``out`` entry by entry (each move atomic), leaving every other file in
+    ``out`` (a pipeline's pipeline.html, the user's notes) where it is."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_DIRS:
+        if (out / name).exists():
+            os.replace(out / name, tmp / f".previous-{name}")  # dropped with tmp below
+        if (tmp / name).exists():
+            os.replace(tmp / name, out / name)
+    for name in REPORT_FILES:
+        os.replace(tmp / name, out / name)
+    shutil.rmtree(tmp)
+
+
 def write_report(out: Path, title: str, rows: list[dict], winners: list[dict], settings: dict) -> Path:
-    """Write every report file into a temporary directory, then swap it in: a report is whole or absent."""
+    """Write every report file into a temporary directory, then move them into ``out``, replacing only the files a
+    report consists of (REPORT_FILES, REPORT_DIRS)."""
     import csv
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -626,9 +646,7 @@ def write_report(out: Path, title: str, rows: list[dict], winners: list[dict], s
                                                      "rows": public, "winners": winners})
         rundir.write_json(tmp / "winners.json", {"name": title, "created": created, "winners": winners})
         (tmp / "report.html").write_text(_html(rows, winners, title, settings, plots))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
