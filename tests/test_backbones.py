@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -24,8 +27,15 @@ def test_every_registered_backbone_builds_small_with_published_param_count(name)
     out = built.model(np.zeros((2, size, size, 3), "float32"))
     assert out.shape == (2, 3)
     np.testing.assert_allclose(np.asarray(out).sum(axis=1), 1.0, rtol=1e-5)
-    blocks = {spec.block_of(layer.name) for layer in backbone_layers(built.backbone)} - {None}
+    layers = backbone_layers(built.backbone)
+    blocks = {spec.block_of(layer.name) for layer in layers} - {None}
     assert len(blocks) >= 4, f"{name}: block pattern found only {blocks}"
+    # blocks:1 is the top block and what lies above it: some weights, far fewer layers than the backbone has,
+    # and the layer counts grow with N.
+    counts = [validate_unfreeze(built.backbone, parse_unfreeze(f"blocks:{n}"), name, block_of=spec.block_of).count
+              for n in (1, 2, len(blocks))]
+    assert 0 < counts[0] < counts[1] < counts[2] <= len(layers) and counts[0] < len(layers) / 2, (name, counts)
+    assert any(layer.weights for layer in layers[len(layers) - counts[0]:]), name
 
 
 def test_model_contract_raw_pixels_at_native_size_resize_inside():
@@ -105,6 +115,51 @@ def test_unfreeze_keeps_batchnorm_frozen_and_all_unfreezes_the_rest():
     assert all(layer.trainable for layer in convs)
     set_trainable(built.backbone, parse_unfreeze("0"))
     assert built.backbone.trainable_weights == []
+
+
+def _blocks(name: str, value: str) -> tuple[list[str], int]:
+    """Trainable weight-bearing layers of ``name`` after ``--unfreeze value`` (resolved), and its layer count."""
+    size = max(get_backbone(name).min_size, 32)
+    built = build_model(name, input_shape=(size, size, 3), num_classes=2, head=parse_head("gap"), image_size=size,
+                        weights="none")
+    resolved = validate_unfreeze(built.backbone, parse_unfreeze(value), name, block_of=get_backbone(name).block_of)
+    return set_trainable(built.backbone, resolved), resolved.count
+
+
+def test_unfreeze_blocks_counts_architectural_blocks():
+    names, count = _blocks("vgg16", "blocks:1")
+    assert names == ["block5_conv1", "block5_conv2", "block5_conv3"] and count == 4  # the same as --unfreeze 4
+    names, count = _blocks("vgg16", "blocks:2")
+    assert names == [f"block{b}_conv{c}" for b in (4, 5) for c in (1, 2, 3)] and count == 8
+    names, _ = _blocks("resnet50", "blocks:1")
+    assert names and all(n.startswith("conv5_block3_") for n in names) and "conv5_block3_3_conv" in names
+    names, _ = _blocks("mobilenetv2", "blocks:1")  # block_16 and the 1x1 Conv_1 above it; BatchNorm stays frozen
+    assert {"block_16_expand", "block_16_depthwise", "block_16_project", "Conv_1"} == set(names)
+    names, _ = _blocks("inceptionv3", "blocks:1")  # its pattern names only each module's last layer (mixedN)
+    assert len(names) >= 9 and all(n.startswith("conv2d_") for n in names)
+
+
+@pytest.mark.parametrize(("name", "blocks", "layers"), [
+    ("vgg16", 1, 4), ("resnet50", 3, 32), ("mobilenetv2", 2, 20), ("efficientnetb0", 1, 16)])
+def test_layer_counts_of_the_reference_config_are_whole_blocks(name, blocks, layers):
+    """configs/cifar10.toml unfreezes these layer counts and says which blocks they are."""
+    assert _blocks(name, f"blocks:{blocks}")[1] == layers
+    text = (Path(__file__).resolve().parents[1] / "configs" / "cifar10.toml").read_text()
+    assert re.search(rf'backbones = \["{name}"\]\n.*\nunfreeze = \[0, {layers}, "all"\] .*\(= blocks:{blocks}\)', text)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("blocks:0", "blocks:N needs"), ("blocks:x", "blocks:N needs"), ("blocks:", "blocks:N needs"),
+    ("blocks:6", "exceeds vgg16's 5 blocks"),
+])
+def test_unfreeze_blocks_out_of_range_or_malformed(value, message):
+    with pytest.raises(UserError, match=message):
+        _blocks("vgg16", value)
+
+
+def test_unfreeze_blocks_on_a_hub_backbone_is_refused():
+    with pytest.raises(UserError, match="hub modules take 0 or all"):
+        validate_unfreeze(None, parse_unfreeze("blocks:1"), "hub:x", hub=True)
 
 
 @pytest.mark.parametrize(("value", "message"), [("-1", "is not 0"), ("two", "is not 0"), ("19", "exceeds vgg16's 18")])

@@ -80,11 +80,12 @@ def test_finetune_writes_a_complete_run_and_freezes_exactly_what_it_should(tmp_p
 
 
 def test_rerunning_a_complete_run_trains_nothing_and_evaluate_agrees(tmp_path, capsys):
-    args = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--unfreeze", "4",
+    args = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--unfreeze", "blocks:1",
             "--head-epochs", "1", "--epochs", "1", "--name", "v"]
     assert _run(tmp_path, *args) == 0
     run = tmp_path / "runs" / "v"
     manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["model"]["unfreeze"] == "blocks:1" and manifest["model"]["unfreeze_layers"] == 4
     assert [p["phase"] for p in manifest["phases"]] == ["head", "fine-tune"]
     assert manifest["phases"][0]["trainable_backbone_layers"] == []
     assert manifest["phases"][1]["trainable_backbone_layers"] == ["block5_conv1", "block5_conv2", "block5_conv3"]
@@ -165,6 +166,9 @@ def _corrupt_folder(root: Path) -> Path:
         (["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--unfreeze", "40"],
          "--unfreeze 40 exceeds vgg16's 18 layers"),
         (["--unfreeze", "some"], "--unfreeze 'some' is not 0"),
+        (["--unfreeze", "blocks:0"], "blocks:N needs a number of blocks N >= 1"),
+        (["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--unfreeze", "blocks:6"],
+         "--unfreeze blocks:6 exceeds vgg16's 5 blocks"),
         (["--head", "gap,dense"], "--head token 'dense'"),
         (["--weights", "/nonexistent/w.h5"], "--weights '/nonexistent/w.h5' is not a file"),
         (["--augment", "medium"], "medium"),

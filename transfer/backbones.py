@@ -113,7 +113,7 @@ BACKBONES: dict[str, Backbone] = {
                  "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5", 7_037_504, "densenet"),
         Backbone("xception", "Xception", 299, 71, "tf", r"^(block\d+)_",
                  "xception_weights_tf_dim_ordering_tf_kernels_notop.h5", 20_861_480, "xception"),
-        Backbone("inceptionv3", "InceptionV3", 299, 75, "tf", r"^(mixed\d+)",
+        Backbone("inceptionv3", "InceptionV3", 299, 75, "tf", r"^(mixed\d+)$",
                  "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", 21_802_784,
                  "inception"),
         Backbone("convnexttiny", "ConvNeXtTiny", 224, 32, "none", r"^convnext_tiny_(stage_\d+)_",

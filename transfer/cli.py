@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--head", default="default",
                    help="pooling then layers, e.g. gap,dropout0.2 or flatten,dense256-bn; "
                    "presets: default, seeds, linear, mlp")
-    m.add_argument("--unfreeze", default="0", help="0 (head only) | N (top N backbone layers) | all")
+    m.add_argument("--unfreeze", default="0",
+                   help="0 (head only) | N (top N backbone layers) | blocks:N (top N blocks, layers above) | all")
     add_data_args(p)
     add_train_args(p)
     add_run_args(p)

@@ -2,24 +2,32 @@
 
 ``--unfreeze N`` means what the seed documents mean by ``for layer in base.layers[:-N]: layer.trainable
 = False``: the last N layers of the backbone (input layer excluded) train, everything below stays frozen.
-On VGG16, ``4`` unfreezes block5_conv1..3 and block5_pool. BatchNormalization layers of a pretrained
-backbone stay frozen everywhere, and the backbone is called with ``training=False``, so their statistics
-never move. A backbone trained from scratch (``--weights none``) trains its BatchNorm layers too.
+On VGG16, ``4`` unfreezes block5_conv1..3 and block5_pool. ``--unfreeze blocks:N`` counts architectural blocks
+instead (the registry's block pattern: VGG's block5, ResNet's conv5_block3, MobileNetV2's block_16, ...): the last
+N blocks and every layer above them train, so the same value means the same thing across backbones of one
+family. BatchNormalization layers of a pretrained backbone stay frozen everywhere, and the backbone is called with
+``training=False``, so their statistics never move. A backbone trained from scratch (``--weights none``) trains its
+BatchNorm layers too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transfer.errors import UserError
 
+BLOCKS_PREFIX = "blocks:"
+
 
 @dataclass(frozen=True)
 class Unfreeze:
-    """A parsed ``--unfreeze`` value: ``count`` layers from the top, or every layer (``all``)."""
+    """A parsed ``--unfreeze`` value: ``count`` layers from the top, every layer (``all``), or the last ``blocks``
+    blocks (``blocks:N``, turned into a layer count for a given backbone by :func:`validate_unfreeze`)."""
 
-    count: int | None  # None means all
+    count: int | None  # None means all, unless blocks is set and not yet resolved
     text: str
+    blocks: int | None = None
 
     @property
     def frozen_backbone(self) -> bool:
@@ -27,16 +35,21 @@ class Unfreeze:
 
     @property
     def all(self) -> bool:
-        return self.count is None
+        return self.count is None and self.blocks is None
 
 
 def parse_unfreeze(text: str | int) -> Unfreeze:
-    """Parse ``0``, ``N`` or ``all``; anything else is a one-line :class:`UserError`."""
+    """Parse ``0``, ``N``, ``blocks:N`` or ``all``; anything else is a one-line :class:`UserError`."""
     text = str(text).strip().lower()
     if text == "all":
         return Unfreeze(None, "all")
+    if text.startswith(BLOCKS_PREFIX):
+        n = text[len(BLOCKS_PREFIX):]
+        if not n.isdigit() or int(n) < 1:
+            raise UserError(f"--unfreeze '{text}': blocks:N needs a number of blocks N >= 1 (e.g. blocks:2)")
+        return Unfreeze(None, f"{BLOCKS_PREFIX}{int(n)}", blocks=int(n))
     if not text.isdigit():
-        raise UserError(f"--unfreeze '{text}' is not 0, a positive number of layers, or 'all'")
+        raise UserError(f"--unfreeze '{text}' is not 0, a positive number of layers, blocks:N, or 'all'")
     return Unfreeze(int(text), str(int(text)))
 
 
@@ -53,19 +66,49 @@ def is_batchnorm(layer) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
-def validate_unfreeze(backbone, unfreeze: Unfreeze, name: str, hub: bool = False) -> None:
-    """Refuse an unfreeze value the backbone cannot honour, before anything is written."""
+def validate_unfreeze(backbone, unfreeze: Unfreeze, name: str, hub: bool = False,
+                     block_of: Callable[[str], str | None] | None = None) -> Unfreeze:
+    """Refuse an unfreeze value the backbone cannot honour, before anything is written; return it with
+    ``blocks:N`` resolved to the number of layers it covers on this backbone (``block_of`` names a layer's block)."""
     if hub:
-        if unfreeze.count not in (0, None):
+        if unfreeze.count not in (0, None) or unfreeze.blocks is not None:
             raise UserError(
                 f"--unfreeze {unfreeze.text} on hub backbone '{name}': hub modules take 0 or all"
             )
-        return
-    total = len(backbone_layers(backbone))
+        return unfreeze
+    layers = backbone_layers(backbone)
+    total = len(layers)
+    if unfreeze.blocks is not None:
+        return _resolve_blocks(layers, unfreeze, name, block_of)
     if unfreeze.count is not None and unfreeze.count > total:
         raise UserError(
             f"--unfreeze {unfreeze.count} exceeds {name}'s {total} layers; use 0..{total} or all"
         )
+    return unfreeze
+
+
+def _resolve_blocks(layers: list, unfreeze: Unfreeze, name: str, block_of) -> Unfreeze:
+    """``blocks:N`` as a layer count: every layer after the end of the block below the top N blocks.
+
+    Counting from the end of the block below (not from the first layer named like the N-th block) also covers
+    architectures whose block pattern matches only a block's last layer, such as InceptionV3's ``mixedN``.
+    """
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for index, layer in enumerate(layers):
+        block = block_of(layer.name) if block_of else None
+        if block is not None:
+            first.setdefault(block, index)
+            last[block] = index
+    if not first:
+        raise UserError(f"--unfreeze {unfreeze.text}: no blocks are known for {name}; give a layer count instead")
+    blocks = sorted(first, key=first.get)
+    n = unfreeze.blocks
+    if n > len(blocks):
+        raise UserError(f"--unfreeze {unfreeze.text} exceeds {name}'s {len(blocks)} blocks; "
+                        f"use blocks:1..{len(blocks)} or all")
+    start = last[blocks[-n - 1]] + 1 if n < len(blocks) else first[blocks[0]]
+    return Unfreeze(len(layers) - start, unfreeze.text, n)
 
 
 def set_trainable(backbone, unfreeze: Unfreeze, hub: bool = False, freeze_bn: bool = True) -> list[str]:

@@ -44,6 +44,7 @@ class BuiltRun:
     described: dict
     hub: bool = False
     pretrained: bool = True
+    unfreeze: object = None  # the recipe's Unfreeze resolved for this backbone (blocks:N as layers); None: as is
 
 
 @dataclass
@@ -148,7 +149,7 @@ def execute(recipe: ModelRecipe, data_cfg, augment_cfg, train_cfg: TrainConfig, 
     train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
     num_classes = len(dataset.classes)
     result = train(model, built.backbone, train_ds=train_ds, val_ds=val_ds, steps_per_epoch=steps,
-                   num_classes=num_classes, cfg=train_cfg, unfreeze=recipe.unfreeze,
+                   num_classes=num_classes, cfg=train_cfg, unfreeze=built.unfreeze or recipe.unfreeze,
                    run_path=run_path, hub=built.hub, pretrained=built.pretrained, strategy=strategy, writer=chief)
 
     from transfer.freezing import count_params, freeze_batchnorm
@@ -251,7 +252,7 @@ def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> Mode
     unfreeze = parse_unfreeze(model_cfg.unfreeze)
     size = model_cfg.image_size or spec.default_size
     check_image_size(spec, size)
-    if spec.is_hub and unfreeze.count not in (0, None):
+    if spec.is_hub:
         validate_unfreeze(None, unfreeze, spec.name, hub=True)
     if model_cfg.weights not in ("imagenet", "none") and not spec.is_hub and not os.path.isfile(model_cfg.weights):
         raise UserError(f"--weights '{model_cfg.weights}' is not a file; pass imagenet, none or a weights file path")
@@ -262,7 +263,7 @@ def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> Mode
 
         built = build_model(model_cfg.backbone, input_shape=dataset.native_shape, num_classes=len(dataset.classes),
                             head=head, image_size=size, weights=model_cfg.weights)
-        validate_unfreeze(built.backbone, unfreeze, spec.name, hub=spec.is_hub)
+        resolved = validate_unfreeze(built.backbone, unfreeze, spec.name, hub=spec.is_hub, block_of=spec.block_of)
         described = {
             "backbone": spec.name,
             "batchnorm": "frozen (inference mode)" if built.pretrained else "trainable (from scratch)",
@@ -273,10 +274,13 @@ def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> Mode
             "head": head.text,
             "unfreeze": unfreeze.text,
         }
+        if resolved.blocks is not None:
+            described["unfreeze_layers"] = resolved.count
         if unfreeze.frozen_backbone and not built.pretrained:
             print("warning: --weights none with --unfreeze 0 trains a head on a random, frozen backbone; "
                   "use --unfreeze all to train it from scratch", file=sys.stderr)
-        return BuiltRun(built.model, built.backbone, described, hub=spec.is_hub, pretrained=built.pretrained)
+        return BuiltRun(built.model, built.backbone, described, hub=spec.is_hub, pretrained=built.pretrained,
+                        unfreeze=resolved)
 
     return ModelRecipe("finetune", build, default_run_name(spec.name, dataset, seed, f"{size}px", f"u{unfreeze.text}"),
                        unfreeze, model_cfg)
