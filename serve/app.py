@@ -128,7 +128,7 @@ def _top_k(value: str | None) -> int | None:
     """The ``top_k`` query parameter: None when absent, else an integer 1.._TOP_K_MAX (422 otherwise)."""
     if value is None:
         return None
-    if not value.strip().isdigit() or not 1 <= int(value) <= _TOP_K_MAX:
+    if not value.strip().isdecimal() or not 1 <= int(value) <= _TOP_K_MAX:
         raise ApiError(422, "invalid_parameter", f"top_k={value!r} must be an integer from 1 to {_TOP_K_MAX}")
     return int(value)
 

@@ -167,6 +167,7 @@ def _corrupt_folder(root: Path) -> Path:
          "--unfreeze 40 exceeds vgg16's 18 layers"),
         (["--unfreeze", "some"], "--unfreeze 'some' is not 0"),
         (["--unfreeze", "blocks:0"], "blocks:N needs a number of blocks N >= 1"),
+        (["--unfreeze", "²"], "--unfreeze '²' is not 0"),  # a digit to str.isdigit, not to int()
         (["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--unfreeze", "blocks:6"],
          "--unfreeze blocks:6 exceeds vgg16's 5 blocks"),
         (["--head", "gap,dense"], "--head token 'dense'"),

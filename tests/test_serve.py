@@ -194,6 +194,7 @@ MALFORMED = {
     "unsupported type": ("classify", {"content": b"abc", "headers": {"content-type": "text/plain"}}, 415),
     "top_k zero": ("classify?top_k=0", {"content": _RED, "headers": {"content-type": "image/png"}}, 422),
     "top_k text": ("classify?top_k=many", {"content": _RED, "headers": {"content-type": "image/png"}}, 422),
+    "top_k superscript": ("classify?top_k=%C2%B2", {"content": _RED, "headers": {"content-type": "image/png"}}, 422),
     "predict both keys": ("predict", {"json": {"instances": _GOOD_PIXELS, "inputs": _GOOD_PIXELS}}, 400),
     "predict neither": ("predict", {"json": {"data": _GOOD_PIXELS}}, 400),
     "predict signature": ("predict", {"json": {"instances": _GOOD_PIXELS, "signature_name": "other"}}, 400),

@@ -371,7 +371,7 @@ def resolve_settings(args) -> tuple[argparse.Namespace, list[Cell], dict]:
     if args.config:
         matrices, cells = config.get("matrix", []), config.get("cells", [])
     else:
-        sizes = [int(s) if s.isdigit() else s for s in _listed(args.image_sizes)]
+        sizes = [int(s) if s.isdecimal() else s for s in _listed(args.image_sizes)]
         for size in sizes:
             if not isinstance(size, int):
                 raise UserError(f"--image-sizes '{size}' is not a whole number of pixels")

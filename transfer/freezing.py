@@ -45,10 +45,10 @@ def parse_unfreeze(text: str | int) -> Unfreeze:
         return Unfreeze(None, "all")
     if text.startswith(BLOCKS_PREFIX):
         n = text[len(BLOCKS_PREFIX):]
-        if not n.isdigit() or int(n) < 1:
+        if not n.isdecimal() or int(n) < 1:
             raise UserError(f"--unfreeze '{text}': blocks:N needs a number of blocks N >= 1 (e.g. blocks:2)")
         return Unfreeze(None, f"{BLOCKS_PREFIX}{int(n)}", blocks=int(n))
-    if not text.isdigit():
+    if not text.isdecimal():
         raise UserError(f"--unfreeze '{text}' is not 0, a positive number of layers, blocks:N, or 'all'")
     return Unfreeze(int(text), str(int(text)))
 
