@@ -50,18 +50,6 @@ def default_out(run_dir: Path, run_name: str) -> Path:
     return root / "exports" / run_name
 
 
-def load_run_dataset(manifest: dict, run_dir: Path):
-    """The run's dataset rebuilt from its stored config; refuses data that differs from what it was trained on."""
-    from transfer.data import DataConfig, load_dataset
-
-    data_cfg = DataConfig(**manifest["config"]["data"])
-    dataset = load_dataset(data_cfg)
-    if dataset.fingerprint() != manifest["dataset"]["fingerprint"]:
-        raise UserError(f"the data of '{data_cfg.dataset}' differs from what run '{Path(run_dir).name}' was trained "
-                        "on (dataset fingerprint changed); restore the original data or pass --no-verify")
-    return dataset
-
-
 def calibration_images(train_x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """``n`` training images (seeded, without replacement) as float32 0..255; no images is a UserError."""
     if n <= 0:
@@ -156,8 +144,10 @@ def run_export(cfg: ExportConfig) -> ExportResult:
     out = Path(cfg.out) if cfg.out else default_out(run_dir, source["name"])
     rundir.ensure_writable(out)
 
+    from transfer.data import load_run_dataset
+
     needs_data = cfg.verify or any(r.name == "tflite_int8" for r in rows)
-    dataset = load_run_dataset(source, run_dir) if needs_data else None
+    dataset = load_run_dataset(source, run_dir, "pass --no-verify") if needs_data else None
     calibration = None
     if any(r.name == "tflite_int8" for r in rows):
         calibration_images(dataset.train.x, cfg.options.calibration_samples)  # refuse before any work
@@ -318,7 +308,9 @@ def reverify(export_dir: Path, limit: int | None = None) -> ExportResult:
     manifest = rundir.read_json(export_dir / rundir.MANIFEST)
     run_dir = Path(manifest["export"]["source_run"])
     source = rundir.load_complete(run_dir)
-    dataset = load_run_dataset(source, run_dir)
+    from transfer.data import load_run_dataset
+
+    dataset = load_run_dataset(source, run_dir, "pass --no-verify")
     model = keras.models.load_model(run_dir / rundir.MODEL)
     entries = manifest["export"]["formats"]
     predictors = {}

@@ -44,7 +44,7 @@ def tiny_export(tiny_run):
 
 @pytest.fixture(scope="module")
 def held_out_split(tiny_run):
-    from export.exporter import load_run_dataset
+    from transfer.data import load_run_dataset
 
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     dataset = load_run_dataset(manifest, tiny_run)

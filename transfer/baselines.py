@@ -325,7 +325,7 @@ class BaselineConfig:
 def baseline_recipe(cfg: BaselineConfig, dataset: str, seed: int = 0):
     """Validate a baseline config cheaply (no TensorFlow yet) and return its ``runner.ModelRecipe``."""
     from transfer.freezing import Unfreeze
-    from transfer.runner import BuiltRun, ModelRecipe, default_run_name
+    from transfer.recipes import BuiltRun, ModelRecipe, default_run_name
 
     row = get_baseline(cfg.baseline)
     if cfg.protocol not in PROTOCOLS:

@@ -165,7 +165,8 @@ def shared_configs(args):
 
 def cmd_finetune(args) -> int:
     from transfer.config import ModelConfig
-    from transfer.runner import execute, finetune_recipe
+    from transfer.recipes import finetune_recipe
+    from transfer.runner import execute
 
     data, augment, train, run = shared_configs(args)
     model = ModelConfig(backbone=args.backbone, weights=args.weights, image_size=args.image_size,

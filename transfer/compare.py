@@ -407,7 +407,8 @@ def cmd_compare(args) -> int:
     from transfer.baselines import BaselineConfig, baseline_recipe, get_baseline
     from transfer.cli import shared_configs
     from transfer.config import ModelConfig
-    from transfer.runner import RunConfig, execute, finetune_recipe
+    from transfer.recipes import finetune_recipe
+    from transfer.runner import RunConfig, execute
 
     ns, cells, top = resolve_settings(args)
     export_run = _export_entry() if args.export_winners else None

@@ -14,7 +14,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import tensorflow as tf
 from keras.src.datasets.cifar import load_batch
 from keras.src.utils.file_utils import extract_archive
 
+from transfer.config import _AUG_PRESETS, AugmentConfig, DataConfig  # noqa: F401  (re-exported)
 from transfer.errors import UserError, unknown
 from transfer.images import DECODE_ERRORS, decode_image
 
@@ -38,82 +39,6 @@ _SEED_VAL, _SEED_TEST, _SEED_LIMIT, _SEED_SYNTH_TRAIN, _SEED_SYNTH_TEST = range(
 
 # (x_train, y_train), (x_test, y_test), as the Keras loaders return them.
 RawData = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
-
-_AUG_PRESETS: dict[str, dict[str, float | bool]] = {
-    "none": {"flip": False, "rotation": 0.0, "zoom": 0.0, "shift": 0.0, "contrast": 0.0, "brightness": 0.0},
-    # The seeds' "3 VGG blocks + data augmentation" baseline: width/height shift 0.1 and horizontal flip.
-    "light": {"flip": True, "rotation": 0.0, "zoom": 0.0, "shift": 0.1, "contrast": 0.0, "brightness": 0.0},
-    # The seeds' augmented CIFAR-10 model (rotation 20 degrees, shift 0.2, flip), plus zoom, contrast, brightness.
-    "strong": {"flip": True, "rotation": 20 / 360, "zoom": 0.2, "shift": 0.2, "contrast": 0.2, "brightness": 0.2},
-}
-# Largest accepted value of every numeric augmentation op (the smallest is 0).
-_AUG_LIMITS = {"rotation": 0.5, "zoom": 0.9, "shift": 0.9, "contrast": 1.0, "brightness": 1.0}
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training-time augmentation: a preset plus optional per-op overrides (None = the preset's value)."""
-
-    preset: str = "light"
-    flip: bool | None = None
-    rotation: float | None = None
-    zoom: float | None = None
-    shift: float | None = None
-    contrast: float | None = None
-    brightness: float | None = None
-
-    def resolved(self) -> dict[str, float | bool]:
-        """The preset merged with the overrides, validated; raises UserError on a bad preset or value."""
-        if self.preset not in _AUG_PRESETS:
-            raise unknown("augment preset", self.preset, _AUG_PRESETS)
-        ops = dict(_AUG_PRESETS[self.preset])
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name != "preset" and value is not None:
-                ops[f.name] = value
-        if not isinstance(ops["flip"], bool):
-            raise UserError(f"augment flip must be true or false, got {ops['flip']!r}")
-        for name, limit in _AUG_LIMITS.items():
-            value = ops[name]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= limit:
-                raise UserError(f"augment {name}={value!r} is out of range; expected a number in [0, {limit}]")
-            ops[name] = float(value)
-        return ops
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which dataset to load and how to split it; invalid values raise UserError on construction."""
-
-    dataset: str = "synthetic"
-    data_dir: str | None = None
-    val_split: float = 0.1
-    test_split: float = 0.1
-    seed: int = 0
-    folder_image_size: int = 64
-    synthetic_train: int = 2000
-    synthetic_test: int = 500
-    limit_train: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("val_split", "test_split"):
-            value = getattr(self, name)
-            if not 0 <= value < 0.9:
-                raise UserError(f"{name}={value} is out of range; expected a fraction in [0, 0.9)")
-        if self.val_split + self.test_split >= 1:
-            total = self.val_split + self.test_split
-            raise UserError(f"val_split + test_split = {total:g} leaves no training data; keep it below 1")
-        if self.seed < 0:
-            raise UserError(f"seed={self.seed} must be >= 0")
-        positive = ("folder_image_size", "synthetic_train", "synthetic_test")
-        for name in positive + (("limit_train",) if self.limit_train is not None else ()):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name}={getattr(self, name)} must be > 0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -674,6 +599,17 @@ def _finish(
         },
     }
     return Dataset(name, list(classes), train, splits["val"], splits["test"], shape, info)
+
+
+def load_run_dataset(manifest: dict, run_dir: Path, way_out: str = "retrain") -> Dataset:
+    """A complete run's dataset rebuilt from its stored config; refuses data that differs from what it was trained on
+    (dataset fingerprint). ``way_out`` ends the error message (e.g. "pass --no-verify")."""
+    data_cfg = DataConfig(**manifest["config"]["data"])
+    dataset = load_dataset(data_cfg)
+    if dataset.fingerprint() != manifest["dataset"]["fingerprint"]:
+        raise UserError(f"the data of '{data_cfg.dataset}' differs from what run '{Path(run_dir).name}' was trained "
+                        f"on (dataset fingerprint changed); restore the original data or {way_out}")
+    return dataset
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
