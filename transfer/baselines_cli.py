@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from transfer.options import add_data_args, add_run_args, add_train_args
+
 # Flags whose default comes from --protocol; argparse leaves them None unless the user gives them.
 PROTOCOL_FLAGS = ("optimizer", "batch_size", "epochs", "patience")
-AUGMENT_FLAGS = ("flip", "rotation", "zoom", "shift", "contrast", "brightness")
 
 
 def register(subparsers) -> None:
     """Add the ``baselines`` and ``baseline`` sub-commands."""
     from transfer.baselines import PROTOCOLS
-    from transfer.cli import add_data_args, add_run_args, add_train_args
 
     p = subparsers.add_parser("baselines", help="list the scratch baselines from the seeds, with parameter counts")
     p.add_argument("--json", action="store_true")
@@ -25,53 +25,43 @@ def register(subparsers) -> None:
         "flags given explicitly win.",
     )
     m = p.add_argument_group("model")
-    m.add_argument("--model", required=True, help="baseline name (see `transfer baselines`)")
+    m.add_argument("--model", help="baseline name (see `transfer baselines`); required")
     m.add_argument("--protocol", default="seeds",
                    help=f"training recipe: {' | '.join(PROTOCOLS)} (seeds: batch 64, up to 100 epochs, patience 5; "
-                   "aug87: Adam, batch 256, 250 epochs, the 87.21%% model's augmentation)")
-    add_data_args(p)
-    add_train_args(p)
+                   "aug87: Adam, batch 256, 250 epochs, the 87.21%% model's augmentation) (default: seeds)")
+    from_protocol = {name: "--protocol's" for name in (*PROTOCOL_FLAGS, "preset")}
+    add_data_args(p, unset=True, default_texts=from_protocol)
+    add_train_args(p, unset=True, default_texts=from_protocol)
     add_run_args(p)
-    p.set_defaults(func=cmd_baseline, augment=None, **{flag: None for flag in PROTOCOL_FLAGS})
-
-
-def resolve_protocol(args, baseline):
-    """Fill unset protocol flags on ``args`` in place; return the augmentation config the run uses."""
-    from transfer.baselines import protocol_settings
-    from transfer.data import AugmentConfig
-
-    settings = protocol_settings(args.protocol, baseline)
-    for flag in PROTOCOL_FLAGS:
-        if getattr(args, flag) is None:
-            setattr(args, flag, settings[flag])
-    overrides = {op: getattr(args, op) for op in AUGMENT_FLAGS if getattr(args, op) is not None}
-    if "flip" in overrides:
-        overrides["flip"] = overrides["flip"] == "on"
-    base = settings["augment"] if args.augment is None else AugmentConfig(preset=args.augment)
-    augment = dataclasses.replace(base, **overrides)
-    augment.resolved()
-    args.augment = augment.preset  # keeps shared_configs' own checks meaningful
-    return augment
+    p.set_defaults(func=cmd_baseline)
 
 
 def cmd_baseline(args) -> int:
-    from transfer.baselines import BaselineConfig, baseline_recipe, get_baseline
-    from transfer.cli import shared_configs
+    from transfer.baselines import BaselineConfig, baseline_recipe, get_baseline, protocol_settings
+    from transfer.config import TrainConfig
+    from transfer.errors import UserError
+    from transfer.options import replay_options, shared_configs
     from transfer.runner import execute
 
+    if not args.model:
+        raise UserError("transfer baseline needs --model NAME (see `transfer baselines`)")
     row = get_baseline(args.model)
-    augment = resolve_protocol(args, row)
-    data, _, train, run = shared_configs(args)
+    settings = protocol_settings(args.protocol, row)
+    # A preset given on the command line starts from the plain preset; otherwise the protocol's augmentation.
+    augment_base = settings["augment"] if args.augment is None else None
+    train_base = TrainConfig(**{flag: settings[flag] for flag in PROTOCOL_FLAGS})
+    data, augment, train, run = shared_configs(args, augment=augment_base, train=train_base)
     train = dataclasses.replace(train, head_epochs=0)  # one phase: nothing to warm up without a backbone
     recipe = baseline_recipe(BaselineConfig(row.name, args.protocol), data.dataset, train.seed)
-    execute(recipe, data, augment, train, run)
+    options = replay_options(data, augment, train, run, extra={"model": row.name, "protocol": args.protocol})
+    execute(recipe, data, augment, train, dataclasses.replace(run, options=tuple(sorted(options.items()))))
     return 0
 
 
 def cmd_baselines(args) -> int:
 
     from transfer.baselines import table_rows
-    from transfer.cli import print_rows
+    from transfer.render import print_rows
 
     rows = table_rows((32, 32, 3))
     for r in rows:

@@ -1,44 +1,65 @@
-"""Small configs by concern: model, training, run. The CLI maps flags onto them; nothing else reads flags."""
+"""The one home of every option: config dataclasses by concern, their defaults, help texts and checks.
+
+The CLI builds its flags from these fields (``transfer.options.add_config_args``), TOML files are type-checked against
+them (``transfer.options``), and everything downstream receives the resolved objects. A default lives here and
+nowhere else: argparse, ``--help``, compare and pipeline read it from the field. Nothing here imports TensorFlow.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from transfer.errors import UserError, unknown
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "cosine", "exponential")
+STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")  # transfer.distribute builds them
+
+
+def option(default, help: str, *, flag: str | None = None, choices: tuple | None = None, metavar: str | None = None,
+           cli: bool = True, default_text: str | None = None):
+    """A config field with what the CLI and TOML readers need: help text, flag name (default: the field name with
+    dashes), choices, and ``cli=False`` for fields no flag sets (set by the program itself)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "metavar": metavar,
+                                            "cli": cli, "default_text": default_text})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What to build: backbone, its weights, the input size it sees and the head on top."""
+    """What to build: backbone, its weights, the input size it sees, the head on top and what unfreezes.
 
-    backbone: str = "mobilenetv2"
-    weights: str = "imagenet"  # imagenet | none | PATH to a weights file
-    image_size: int | None = None  # None: the backbone's default size
-    head: str = "default"
-    unfreeze: str = "0"  # 0 | N | all
+    A recipe resolves it (``transfer.recipes.finetune_recipe``): ``image_size`` becomes an integer and ``unfreeze``
+    its canonical text (``0``, ``N``, ``blocks:N`` or ``all``); everything downstream uses the resolved copy.
+    """
+
+    backbone: str = option("mobilenetv2", "registry name (see `transfer backbones`) or hub:HANDLE")
+    weights: str = option("imagenet", "imagenet | none | PATH to a backbone weights file")
+    image_size: int | None = option(None, "size the backbone sees; images are resized inside the model",
+                                    default_text="the backbone's own")
+    head: str = option("default", "pooling then layers, e.g. gap,dropout0.2 or flatten,dense256-bn; "
+                       "presets: default, seeds, linear, mlp")
+    unfreeze: str = option("0", "0 (head only) | N (top N backbone layers) | blocks:N (top N blocks, layers above) "
+                           "| all")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train: two phases (head, then fine-tuning) sharing one optimizer recipe."""
 
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    fine_tune_lr: float = 1e-4
-    schedule: str = "constant"
-    label_smoothing: float = 0.0
-    batch_size: int = 64
-    epochs: int = 10
-    head_epochs: int = 3
-    patience: int = 5
-    seed: int = 0
-    tensorboard: bool = True
+    optimizer: str = option("adam", "optimizer", choices=OPTIMIZERS)
+    lr: float = option(1e-3, "learning rate of the head phase")
+    fine_tune_lr: float = option(1e-4, "learning rate once layers are unfrozen")
+    schedule: str = option("constant", "learning-rate schedule per phase", choices=SCHEDULES)
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy, in [0, 1)")
+    batch_size: int = option(64, "global batch size")
+    epochs: int = option(10, "epochs of the fine-tuning phase (of the only phase with --unfreeze 0)")
+    head_epochs: int = option(3, "epochs training the head on a frozen backbone before unfreezing")
+    patience: int = option(5, "early stopping on val_accuracy (best weights restored)")
+    seed: int = option(0, "seed of splits, initialisation, shuffling and augmentation")
+    tensorboard: bool = option(True, "write TensorBoard logs")
 
     def __post_init__(self):
         checks = (
@@ -51,6 +72,7 @@ class TrainConfig:
             (self.epochs >= 0, f"--epochs {self.epochs} (must be >= 0)"),
             (self.head_epochs >= 0, f"--head-epochs {self.head_epochs} (must be >= 0)"),
             (self.patience >= 1, f"--patience {self.patience} (must be >= 1)"),
+            (self.seed >= 0, f"--seed {self.seed} (must be >= 0)"),
         )
         for ok, message in checks:
             if not ok:
@@ -72,13 +94,17 @@ _AUG_LIMITS = {"rotation": 0.5, "zoom": 0.9, "shift": 0.9, "contrast": 1.0, "bri
 class AugmentConfig:
     """Training-time augmentation: a preset plus optional per-op overrides (None = the preset's value)."""
 
-    preset: str = "light"
-    flip: bool | None = None
-    rotation: float | None = None
-    zoom: float | None = None
-    shift: float | None = None
-    contrast: float | None = None
-    brightness: float | None = None
+    preset: str = option("light", "augmentation preset: none | light | strong", flag="augment")
+    flip: bool | None = option(None, "override the preset's horizontal flip (on | off)", default_text="the preset's")
+    rotation: float | None = option(None, "override the preset's rotation (fraction of a full turn; 0 disables)",
+                                    default_text="the preset's")
+    zoom: float | None = option(None, "override the preset's zoom (fraction; 0 disables)", default_text="the preset's")
+    shift: float | None = option(None, "override the preset's shift (width/height fraction; 0 disables)",
+                                 default_text="the preset's")
+    contrast: float | None = option(None, "override the preset's contrast (factor; 0 disables)",
+                                    default_text="the preset's")
+    brightness: float | None = option(None, "override the preset's brightness (fraction of 255; 0 disables)",
+                                      default_text="the preset's")
 
     def resolved(self) -> dict[str, float | bool]:
         """The preset merged with the overrides, validated; raises UserError on a bad preset or value."""
@@ -103,15 +129,15 @@ class AugmentConfig:
 class DataConfig:
     """Which dataset to load and how to split it; invalid values raise UserError on construction."""
 
-    dataset: str = "synthetic"
-    data_dir: str | None = None
-    val_split: float = 0.1
-    test_split: float = 0.1
-    seed: int = 0
-    folder_image_size: int = 64
-    synthetic_train: int = 2000
-    synthetic_test: int = 500
-    limit_train: int | None = None
+    dataset: str = option("synthetic", "cifar10 | cifar100 | mnist | fashion_mnist | folder:PATH | synthetic")
+    data_dir: str | None = option(None, "pre-downloaded copy of a Keras dataset (air-gapped machines)")
+    val_split: float = option(0.1, "fraction of training data held out for validation")
+    test_split: float = option(0.1, "fraction held out for test (folder datasets without a test/ sub-folder)")
+    seed: int = option(0, "split seed (the run's --seed)", cli=False)
+    folder_image_size: int = option(64, "folder datasets: images are decoded and resized to this square size")
+    synthetic_train: int = option(2000, "synthetic set: training images")
+    synthetic_test: int = option(500, "synthetic set: test images")
+    limit_train: int | None = option(None, "use a seeded, stratified subset of this many training images")
 
     def __post_init__(self) -> None:
         for name in ("val_split", "test_split"):
@@ -127,6 +153,93 @@ class DataConfig:
         for name in positive + (("limit_train",) if self.limit_train is not None else ()):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name}={getattr(self, name)} must be > 0")
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run goes (``<artifacts>/runs/<name>``) and how it is executed; not part of the run's identity."""
+
+    artifacts: str = option("artifacts", "artifacts root (runs go to <artifacts>/runs/<name>)")
+    name: str | None = option(None, "run name", default_text="derived from the config, so re-running resumes")
+    overwrite: bool = option(False, "replace an existing run of the same name")
+    strategy: str = option("auto", "tf.distribute strategy: auto | one-device | mirrored | multi-worker (TF_CONFIG)",
+                           choices=STRATEGIES)
+    options: tuple = option((), "the command's effective option values, written to config.toml", cli=False)
+    command: str = option("", "the command that made the run (for the replay line in config.toml)", cli=False)
+
+    def run_path(self, default_name: str):
+        from pathlib import Path
+
+        from transfer import rundir
+
+        return Path(self.artifacts) / "runs" / rundir.slug(self.name or default_name)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """The top level of a comparison: its name, seeds, defaults of its fine-tuned cells and measurement."""
+
+    name: str = option("compare", "report name: <artifacts>/reports/<name>/")
+    seeds: int = option(1, "repeat every cell with this many seeds (--seed, --seed+1, ...)")
+    weights: str = option("imagenet", "backbone weights of every fine-tuned cell: imagenet | none | PATH")
+    head: str = option("default", "head of every fine-tuned cell")
+    artifacts: str = option("artifacts", "artifacts root")
+    latency_runs: int = option(30, "timed batch-1 calls per model (median reported)")
+
+    def __post_init__(self):
+        if self.seeds < 1 or self.latency_runs < 1:
+            raise UserError(f"--seeds {self.seeds} and --latency-runs {self.latency_runs} must be >= 1")
+
+
+@dataclass(frozen=True)
+class MatrixConfig:
+    """A matrix of cells: every baseline, and every backbone x image size x unfreeze setting."""
+
+    baselines: list[str] = option((), "comma-separated baseline names (see `transfer baselines`)",
+                                  default_text="none")
+    backbones: list[str] = option((), "comma-separated backbone names (see `transfer backbones`)",
+                                  default_text="none")
+    unfreeze: list[str | int] = option(("0",), "comma-separated unfreeze settings for every backbone, e.g. 0,4,all")
+    image_sizes: list[int] = option((), "comma-separated image sizes for every backbone", default_text="its own")
+    weights: str | None = option(None, "weights of this matrix's backbones", default_text="--weights")
+    head: str | None = option(None, "head of this matrix's backbones", default_text="--head")
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    """One explicit cell of a comparison: a baseline, or a backbone with its own settings."""
+
+    name: str | None = option(None, "cell name", default_text="derived from its settings")
+    baseline: str | None = option(None, "baseline name")
+    backbone: str | None = option(None, "backbone name")
+    image_size: int | None = option(None, "image size", default_text="the backbone's own")
+    unfreeze: str | int = option("0", "unfreeze setting")
+    weights: str | None = option(None, "backbone weights", default_text="--weights")
+    head: str | None = option(None, "head", default_text="--head")
+
+
+@dataclass(frozen=True)
+class ExportStepConfig:
+    """The pipeline's export step: which formats every winner is exported to."""
+
+    formats: str | list[str] = option("all", "export formats of every winner (families or format names)")
+    quantize: str | list[str] | None = option(None, "tflite variants (fp16, dynamic, int8, or all)",
+                                              default_text="all when formats is all")
+    calibration_samples: int | None = option(None, "int8: training images for calibration",
+                                             default_text="the exporter's")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Benchmark settings: threads every runtime uses, timed runs, warm-up runs."""
+
+    threads: int = option(1, "threads every runtime uses")
+    iterations: int = option(50, "timed runs at batch 1 (a quarter at batch 32)")
+    warmup: int = option(5, "untimed runs first")
+
+    def __post_init__(self):
+        if self.threads <= 0 or self.iterations <= 0 or self.warmup < 0:
+            raise UserError(f"bench threads ({self.threads}) and iterations ({self.iterations}) must be > 0 and "
+                            f"warmup ({self.warmup}) >= 0")
 
 
 def as_dict(*configs) -> dict:

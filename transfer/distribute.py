@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from transfer.config import STRATEGIES
 from transfer.errors import UserError
-
-STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
 
 
 def make_strategy(name: str):

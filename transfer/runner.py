@@ -7,30 +7,14 @@ import datetime as dt
 import os
 import platform
 import time
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from transfer import rundir
-from transfer.config import TrainConfig, as_dict
+from transfer.config import RunConfig, TrainConfig, as_dict
 from transfer.errors import UserError
 
 INPUT_SPEC_RANGE = (0.0, 255.0)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Where a run goes: ``<artifacts>/runs/<name>``."""
-
-    artifacts: str = "artifacts"
-    name: str | None = None
-    overwrite: bool = False
-    strategy: str = "auto"  # tf.distribute strategy (transfer.distribute.STRATEGIES); not part of the run's identity
-    options: tuple = ()  # the command's effective option values, written to config.toml for replay
-    command: str = ""
-
-    def run_path(self, default_name: str) -> Path:
-        return Path(self.artifacts) / "runs" / rundir.slug(self.name or default_name)
 
 
 def library_versions() -> dict:

@@ -1,0 +1,88 @@
+"""Measurements of finished runs: batch-1 latency, one leaderboard row per cell, one-split check."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from transfer import rundir
+from transfer.compare.matrix import Cell
+from transfer.compare.ranking import mean_std
+from transfer.errors import UserError
+
+
+def measure_latency(model_path: Path, shape: list[int], runs: int = 30, warmup: int = 5) -> float:
+    """Median milliseconds of ``model(x)`` on one native-size image after ``warmup`` calls.
+
+    The call is traced once (``tf.function``), as SavedModel/serving run it: eager dispatch would otherwise add a
+    per-layer overhead that punishes deep models for something no deployment pays.
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import transfer.layers  # noqa: F401  (registers the custom layers for loading)
+
+    model = keras.models.load_model(model_path, compile=False)
+    call = tf.function(lambda t: model(t, training=False))
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, *shape)).astype("float32"))
+    for _ in range(max(warmup, 1)):
+        call(x).numpy()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call(x).numpy()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def collect_row(cell: Cell, run_paths: list[Path], latency_runs: int) -> dict:
+    """A leaderboard row from the runs' own manifest.json and evaluation.json (seeds aggregated)."""
+    manifests = [rundir.load_complete(p) for p in run_paths]
+    evaluations = [rundir.read_json(p / rundir.EVALUATION) for p in run_paths]
+    accuracy, accuracy_std = mean_std([e["accuracy"] for e in evaluations])
+    top5 = [e.get("top5_accuracy") for e in evaluations]
+    top5_mean, top5_std = mean_std(top5) if None not in top5 else (None, None)
+    first = manifests[0]
+    best = max(range(len(run_paths)), key=lambda i: evaluations[i]["accuracy"])
+    return {
+        "cell": cell.name,
+        "kind": cell.kind,
+        "model": cell.model,
+        "image_size": first["model"].get("image_size"),
+        "unfreeze": first["model"].get("unfreeze"),
+        "augment": first["config"]["augment"],
+        "seeds": [m["config"]["train"]["seed"] for m in manifests],
+        "test_accuracy": accuracy,
+        "test_accuracy_std": accuracy_std,
+        "test_accuracies": [e["accuracy"] for e in evaluations],
+        "top5_accuracy": top5_mean,
+        "top5_accuracy_std": top5_std,
+        "params": first["model"]["params"],
+        "trainable_params": first["model"]["trainable_params"],
+        "size_bytes": first["model"]["size_bytes"],
+        "train_seconds": statistics.fmean(m["timings"]["train_seconds"] for m in manifests),
+        "epochs_run": [m["metrics"]["epochs_run"] for m in manifests],
+        "latency_ms": measure_latency(run_paths[0] / rundir.MODEL, first["input"]["shape"], latency_runs),
+        "run_dirs": [str(p) for p in run_paths],
+        "best_run": str(run_paths[best]),
+        "fingerprint": first["dataset"]["fingerprint"],
+        "history": str(run_paths[0] / rundir.HISTORY),
+    }
+
+
+def check_same_data(manifests: dict[str, dict], expected: str | None = None) -> str:
+    """All runs must come from one dataset split (same fingerprint); returns that fingerprint."""
+    fingerprints = {}
+    for name, manifest in manifests.items():
+        fingerprints.setdefault(manifest["dataset"]["fingerprint"], []).append(name)
+    if expected is not None:
+        fingerprints.setdefault(expected, [])
+    if len(fingerprints) > 1:
+        odd = next(names for fp, names in fingerprints.items() if fp != (expected or next(iter(fingerprints))))
+        raise UserError(
+            f"run '{odd[0]}' was trained on a different dataset or split than the others (dataset fingerprint "
+            "differs); compare runs of one split only: pass --overwrite to retrain or --name NEW for a new report"
+        )
+    return next(iter(fingerprints))

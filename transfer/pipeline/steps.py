@@ -1,0 +1,101 @@
+"""The pipeline's steps after compare: export and verify every winner, benchmark the exports. Each step is resumable
+and never raises: a failure is recorded in the step's entry, so one winner failing does not stop the others."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transfer import rundir
+from transfer.config import BenchConfig, ExportStepConfig
+from transfer.errors import UserError
+
+
+def _joined(value) -> str | None:
+    if value is None:
+        return None
+    return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+
+def export_settings(step: ExportStepConfig, formats: str | None = None, quantize: str | None = None) -> dict:
+    """ExportConfig keyword arguments from the [export] table and the flags (flags win); validated up front."""
+    from export.formats import QUANTIZE_CHOICES, ExportOptions, check_options, select_formats
+
+    formats = formats if formats is not None else _joined(step.formats)
+    quantize = quantize if quantize is not None else _joined(step.quantize)
+    formats = None if formats in ("all", "") else formats
+    quantize = ",".join(QUANTIZE_CHOICES) if quantize == "all" else quantize
+    rows = select_formats(formats, quantize)
+    given = {}
+    options = ExportOptions()
+    if step.calibration_samples is not None:
+        given = {"calibration_samples": "[export] calibration_samples"}
+        if step.calibration_samples <= 0:
+            raise UserError(f"[export] calibration_samples = {step.calibration_samples} must be > 0")
+        options = ExportOptions(calibration_samples=step.calibration_samples)
+    check_options(rows, given)
+    return {"formats": formats, "quantize": quantize, "options": options, "given_options": given,
+            "wanted": [r.name for r in rows]}
+
+
+def export_is_current(out: Path, run_dir: Path, run_manifest: dict, wanted: list[str]) -> bool:
+    """The export dir was made from this very run (path and whole manifest) and every wanted format verified."""
+    from export.exporter import VERIFY
+
+    if not (out / rundir.MANIFEST).is_file() or not (out / VERIFY).is_file():
+        return False
+    manifest = rundir.read_json(out / rundir.MANIFEST)
+    export = manifest.get("export") or {}
+    if Path(export.get("source_run", "")) != run_dir.resolve():
+        return False
+    if {k: v for k, v in manifest.items() if k != "export"} != run_manifest:
+        return False
+    verified = rundir.read_json(out / VERIFY).get("formats", {})
+    return all(export.get("formats", {}).get(n, {}).get("status") == "verified" and verified.get(n, {}).get("passed")
+               for n in wanted)
+
+
+def export_winner(run_dir: Path, settings: dict) -> dict:
+    """Export + verify one winner (or keep a current export); never raises: errors are recorded."""
+    from export.exporter import VERIFY, ExportConfig, default_out, run_export
+
+    entry: dict = {"dir": None, "skipped": False, "error": None}
+    try:
+        run_manifest = rundir.load_complete(run_dir)
+        out = default_out(run_dir, run_manifest["name"])
+        entry["dir"] = str(out)
+        if export_is_current(out, run_dir, run_manifest, settings["wanted"]):
+            entry["skipped"] = True
+            print(f"export: {out} is current (same run, verified); kept", flush=True)
+        else:
+            run_export(ExportConfig(run_dir=str(run_dir), formats=settings["formats"], quantize=settings["quantize"],
+                                    options=settings["options"], given_options=settings["given_options"]))
+        verify = rundir.read_json(out / VERIFY)["formats"] if (out / VERIFY).is_file() else {}
+        entry["verify"] = {n: verify[n] for n in settings["wanted"] if n in verify}
+        missing = [n for n in settings["wanted"] if n not in verify]
+        failed = [n for n, r in entry["verify"].items() if not r.get("passed")]
+        if missing or failed:
+            entry["error"] = "; ".join([f"{n}: not verified" for n in missing] +
+                                       [f"{n}: {', '.join(entry['verify'][n].get('failures') or ['failed'])}"
+                                        for n in failed])
+    except Exception as exc:  # one winner failing must not stop the others
+        entry["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    entry["passed"] = entry["error"] is None
+    return entry
+
+
+def bench_export(out: Path, settings: BenchConfig) -> dict:
+    """Benchmark an export dir unless its bench.json is newer than its manifest; never raises."""
+    from export.bench import BENCH, bench
+
+    entry: dict = {"skipped": False, "error": None}
+    try:
+        path, manifest = out / BENCH, out / rundir.MANIFEST
+        if path.is_file() and path.stat().st_mtime > manifest.stat().st_mtime:
+            entry["skipped"] = True
+            print(f"bench: {path} is newer than the export; kept", flush=True)
+        else:
+            bench(out, threads=settings.threads, iterations=settings.iterations, warmup=settings.warmup)
+        entry["formats"] = rundir.read_json(path)["formats"]
+    except Exception as exc:
+        entry["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return entry
