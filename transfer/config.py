@@ -159,7 +159,7 @@ class RunConfig:
     """Where a run goes (``<artifacts>/runs/<name>``) and how it is executed; not part of the run's identity."""
 
     artifacts: str = option("artifacts", "artifacts root (runs go to <artifacts>/runs/<name>)")
-    name: str | None = option(None, "run name", default_text="derived from the config, so re-running resumes")
+    name: str | None = option(None, "run name", default_text="derived from the config, so running again resumes")
     overwrite: bool = option(False, "replace an existing run of the same name")
     strategy: str = option("auto", "tf.distribute strategy: auto | one-device | mirrored | multi-worker (TF_CONFIG)",
                            choices=STRATEGIES)

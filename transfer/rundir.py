@@ -40,6 +40,7 @@ def write_json(path: str | os.PathLike, data) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=True, default=str)
             handle.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600: others (a container's non-root user) must read what we write
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -9,7 +9,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import json
 from pathlib import Path
 
+import pytest
+
 from transfer.cli import main
+from transfer.errors import UserError
 
 TINY = """
 name = "tiny"
@@ -106,3 +109,30 @@ def test_pipeline_unknown_key_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.epochz" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_pipeline_settings_resolve_once_from_the_file_and_the_flags(tmp_path):
+    import argparse
+
+    from transfer.pipeline.cli import resolve
+
+    config = tmp_path / "p.toml"
+    config.write_text(TINY)
+    args = argparse.Namespace(config=str(config), artifacts=str(tmp_path), name="renamed", strategy="auto",
+                              formats=None, quantize=None, port=None)
+    settings, exporting, benching = resolve(args)
+    assert settings.top.name == "renamed" and settings.top.artifacts == str(tmp_path) and settings.top.latency_runs == 3
+    assert settings.train.epochs == 1 and settings.train.batch_size == 32 and settings.train.tensorboard is False
+    assert settings.train.lr == 1e-3  # not in the file: TrainConfig's default
+    assert settings.data.synthetic_train == 120 and settings.augment.preset == "none"
+    assert [c.name for c in settings.cells] == ["vgg1"] and settings.config_file == str(config)
+    assert exporting["wanted"] == ["onnx", "tflite"] and exporting["given_options"] == {}
+    assert (benching.threads, benching.iterations, benching.warmup) == (1, 5, 1)
+    args.formats = "onnx"
+    assert resolve(args)[1]["wanted"] == ["onnx"]  # the flag wins over [export]
+    config.write_text(TINY.replace("iterations = 5", "iterations = 0"))
+    with pytest.raises(UserError, match="iterations"):
+        resolve(args)
+    config.write_text(TINY.replace("iterations = 5", "iterations = 5.0"))
+    with pytest.raises(UserError, match=r"bench\.iterations = 5\.0"):
+        resolve(args)

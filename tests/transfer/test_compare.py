@@ -25,6 +25,7 @@ from transfer.compare import (
     load_config,
     pareto_front,
     pick_winners,
+    resolve_settings,
 )
 from transfer.errors import UserError
 
@@ -118,26 +119,28 @@ def test_bad_matrices(matrix, cells, needle):
 def test_config_keys_are_checked(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[train]\nepoch = 3\n')
-    with pytest.raises(UserError, match=re.escape("unknown config key 'train.epoch'; did you mean 'train.epochs'")):
+    with pytest.raises(UserError, match=re.escape("'train.epoch'; did you mean 'train.epochs'")):
         load_config(path)
     path.write_text('[[cells]]\nbaseline = "vgg1"\nimage_siz = 3\n')
     with pytest.raises(UserError, match=re.escape("cells[0].image_siz")):
         load_config(path)
     path.write_text('[train]\nepochs = "ten"\n')
-    with pytest.raises(UserError, match="must be of type integer"):
+    with pytest.raises(UserError, match=r"train.epochs = 'ten' .* must be an integer"):
         load_config(path)
+    for text, needle in (("[train]\nepochs = 1.9\n", "train.epochs = 1.9"),
+                         ("[train]\nepochs = true\n", "epochs = True"),
+                         ("[[matrix]]\nbackbones = ['vgg16']\nimage_sizes = ['big']\n", "image_sizes = ['big']"),
+                         ("seeds = 2.0\n", "seeds = 2.0"), ("[matrix]\nbaselines = 'vgg1'\n", "a list of strings")):
+        path.write_text(text)
+        with pytest.raises(UserError, match=re.escape(needle)):
+            load_config(path)
 
 
 def test_shipped_configs_parse():
-    root = Path(__file__).resolve().parent.parent / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     for name in ("cifar10.toml", "smoke.toml"):
-        config = load_config(root / name)
-        cells = expand_matrix(config["matrix"], config.get("cells", []), weights=config.get("weights", "imagenet"),
-                              head=config.get("head", "default"))
-        assert cells
-    names = {c.model for c in expand_matrix(load_config(root / "cifar10.toml")["matrix"],
-                                            load_config(root / "cifar10.toml").get("cells", []),
-                                            weights="imagenet", head="default")}
+        assert resolve_settings(load_config(root / name)).cells
+    names = {c.model for c in resolve_settings(load_config(root / "cifar10.toml")).cells}
     assert {"cifar-aug-87", "vgg3-dropout-l2-bn", "vgg16", "resnet50", "mobilenetv2", "efficientnetb0"} <= names
 
 
