@@ -25,24 +25,26 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args(argv)
 
-    from export.bench import BATCH_SIZES, latency, read_export, sample_batch, set_tf_threads
+    from export.bench import BATCH_SIZES, latency, sample_batch, set_tf_threads
+    from export.contract import EXPORTED, VERIFIED, ExportDir
 
     export_dir = Path(args.export_dir)
-    manifest = read_export(export_dir)
+    export = ExportDir.open(export_dir, check_name=False)
     tf_threads = set_tf_threads(args.threads)  # before Keras or TF run anything
 
     import keras
 
     import transfer.layers  # noqa: F401
     from export.formats import FORMATS
+    from transfer.rundir import MODEL
 
-    model = keras.models.load_model(Path(manifest["export"]["source_run"]) / "model.keras")
-    shape = manifest["input"]["shape"]
+    model = keras.models.load_model(export.source_run / MODEL)
+    shape = list(export.input_shape)
     runners = {"keras.predict": lambda b: model.predict(b, verbose=0)}
     sizes = {}
-    for name, entry in manifest["export"]["formats"].items():
-        if entry["status"] in ("verified", "exported") and name in FORMATS:
-            runners[name] = FORMATS[name].load(export_dir / entry["file"], num_threads=args.threads)
+    for name, entry in export.formats().items():
+        if entry["status"] in (VERIFIED, EXPORTED) and name in FORMATS:
+            runners[name] = FORMATS[name].load(export.path_of(name), num_threads=args.threads)
             sizes[name] = entry["size_bytes"]
 
     p50 = {}

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from export.contract import BENCH, FAILED_EXPORT, FILE_KEY, SIZE_KEY, STATUS_KEY, ExportDir
 from export.formats import FORMATS
 from transfer import rundir
 from transfer.errors import UserError
 
-BENCH = "bench.json"
 BATCH_SIZES = (1, 32)
 
 
@@ -48,48 +48,34 @@ def latency(predict: Callable, batch: np.ndarray, iterations: int, warmup: int) 
             "throughput_ips": len(batch) / (p50 / 1000) if p50 else None, "iterations": iterations}
 
 
-def read_export(export_dir: Path) -> dict:
-    """An export directory's manifest; anything else is a UserError."""
-    path = Path(export_dir) / rundir.MANIFEST
-    if not path.is_file():
-        raise UserError(f"'{export_dir}' is not an export directory (no manifest.json); run `transfer export` first")
-    manifest = rundir.read_json(path)
-    if "export" not in manifest:
-        raise UserError(f"'{path}' has no export section; pass a directory written by `transfer export`")
-    return manifest
-
-
 def bench(export_dir: Path, threads: int = 1, iterations: int = 50, warmup: int = 5) -> dict:
     """Benchmark every format recorded in ``export_dir``; writes and returns ``bench.json``'s content."""
-    export_dir = Path(export_dir)
-    manifest = read_export(export_dir)
+    export = ExportDir.open(export_dir, check_name=False)
     if threads <= 0 or iterations <= 0 or warmup < 0:
         raise UserError("--threads and --iterations must be > 0 and --warmup >= 0")
     tf_threads = set_tf_threads(threads)
-    verification = {}
-    if (export_dir / "verify.json").is_file():
-        verification = rundir.read_json(export_dir / "verify.json").get("formats", {})
-    shape = manifest["input"]["shape"]
+    verification = export.verification()
+    shape = list(export.input_shape)
     results = {}
-    for name, entry in manifest["export"]["formats"].items():
+    for name, entry in export.formats().items():
         row = FORMATS.get(name)
-        result = {"file": entry["file"], "status": entry["status"], "size_bytes": entry.get("size_bytes"),
+        result = {FILE_KEY: entry.get(FILE_KEY), STATUS_KEY: entry.get(STATUS_KEY), SIZE_KEY: entry.get(SIZE_KEY),
                   "accuracy": verification.get(name, {}).get("accuracy"),
-                  "threads": tf_threads if name == "savedmodel" else threads}
+                  "threads": tf_threads if row is not None and row.runtime.process_wide_threads else threads}
         results[name] = result
-        if row is None or entry["status"] == "failed-export" or not (export_dir / entry["file"]).exists():
+        if row is None or entry.get(STATUS_KEY) == FAILED_EXPORT or not export.path_of(name).exists():
             continue
         print(f"bench: {name}", flush=True)
         t0 = time.perf_counter()
-        predictor = row.load(export_dir / entry["file"], num_threads=threads)
+        predictor = row.load(export.path_of(name), num_threads=threads)
         predictor(sample_batch(shape, 1))
         result["load_seconds"] = time.perf_counter() - t0
         for batch in BATCH_SIZES:
             result[f"batch{batch}"] = latency(predictor, sample_batch(shape, batch, seed=batch),
                                               iterations if batch == 1 else max(5, iterations // 4), warmup)
-    report = {"export_dir": str(export_dir.resolve()), "threads": threads, "tf_intra_op_threads": tf_threads,
+    report = {"export_dir": str(export.path.resolve()), "threads": threads, "tf_intra_op_threads": tf_threads,
               "input_shape": shape, "formats": results}
-    rundir.write_json(export_dir / BENCH, report)
+    rundir.write_json(export.path / BENCH, report)
     return report
 
 

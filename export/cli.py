@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from export.contract import BENCH, FAILED_EXPORT, FAILED_VERIFICATION, STATUS_KEY, VERIFY
 from export.formats import FAMILIES, FORMATS, QUANTIZE_CHOICES, ExportOptions
 
 
@@ -35,17 +36,18 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=1, help="threads every runtime uses (default 1)")
     p.add_argument("--iterations", type=int, default=50, help="timed runs at batch 1 (a quarter at batch 32)")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--json", action="store_true", help="print bench.json instead of the table")
+    p.add_argument("--json", action="store_true", help=f"print {BENCH} instead of the table")
     p.set_defaults(func=cmd_bench)
 
 
 def _finish(result, command: str) -> int:
-    failed = [name for name, entry in result.manifest["export"]["formats"].items()
-              if entry["status"] in ("failed-export", "failed-verification") and
-              (name in result.reports or entry["status"] == "failed-export")]
+    formats = result.formats
+    failed = [name for name, entry in formats.items()
+              if entry[STATUS_KEY] in (FAILED_EXPORT, FAILED_VERIFICATION) and
+              (name in result.reports or entry[STATUS_KEY] == FAILED_EXPORT)]
     if failed:
-        detail = "; ".join(f"{n}: {result.manifest['export']['formats'][n]['status']}" for n in failed)
-        print(f"transfer {command}: {len(failed)} format(s) failed ({detail}); see {result.out / 'verify.json'}",
+        detail = "; ".join(f"{n}: {formats[n][STATUS_KEY]}" for n in failed)
+        print(f"transfer {command}: {len(failed)} format(s) failed ({detail}); see {result.out / VERIFY}",
               file=sys.stderr)
         return 1
     return 0
@@ -90,5 +92,5 @@ def cmd_bench(args) -> int:
 
     report = bench(Path(args.export_dir), threads=args.threads, iterations=args.iterations, warmup=args.warmup)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
-    print(f"wrote {Path(args.export_dir) / 'bench.json'}", file=sys.stderr)
+    print(f"wrote {Path(args.export_dir) / BENCH}", file=sys.stderr)
     return 0

@@ -1,25 +1,46 @@
-"""``transfer export``: write every chosen format of a run, record it in a manifest, and verify it against Keras."""
+"""``transfer export``: write every chosen format of a run, record it in a manifest, and verify it against Keras.
+
+What the export directory holds and what its manifest keys are is export.contract's; how each format is written,
+loaded and described is its row in export.formats. This module only runs the rows and records the results.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import io
 import os
 import shutil
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from export import contract
+from export.contract import (
+    EXPORTED,
+    EXPORTED_AT,
+    FAILED_EXPORT,
+    FAILED_VERIFICATION,
+    FILE_KEY,
+    FORMATS_KEY,
+    LABELS,
+    LABELS_KEY,
+    MANIFEST,
+    SECTION,
+    SHA256_KEY,
+    SIZE_KEY,
+    SOURCE_RUN,
+    STATUS_KEY,
+    VERIFICATION_KEY,
+    VERIFIED,
+    VERIFY,
+    VERSIONS_KEY,
+    ExportDir,
+    sha256_of,
+    size_of,
+)
 from export.formats import FORMATS, ExportContext, ExportOptions, Format, check_options, select_formats
 from transfer import rundir
 from transfer.errors import UserError
-
-LABELS = "labels.txt"
-VERIFY = "verify.json"
-LABELS_METADATA = "labels.txt"  # name of the TFLite metadata entry and of the associated file
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,11 @@ class ExportResult:
     manifest: dict
     reports: dict
 
+    @property
+    def formats(self) -> dict[str, dict]:
+        """Format name -> manifest entry."""
+        return self.manifest[SECTION][FORMATS_KEY]
+
 
 def default_out(run_dir: Path, run_name: str) -> Path:
     """``<artifacts>/exports/<name>`` beside the run's ``<artifacts>/runs/<name>``."""
@@ -59,53 +85,6 @@ def calibration_images(train_x: np.ndarray, n: int, seed: int = 0) -> np.ndarray
                         "drop int8 from --quantize")
     pick = np.random.default_rng(seed).choice(len(train_x), size=min(n, len(train_x)), replace=False)
     return train_x[np.sort(pick)].astype(np.float32)
-
-
-def sha256_of(path: Path) -> str:
-    """SHA-256 of a file, or of a directory's relative paths and contents in sorted order."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def size_of(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def embed_labels(tflite: Path, labels: list[str]) -> dict:
-    """Make the labels travel inside a TFLite file: a model metadata entry, plus a zip appended to the
-    flatbuffer holding ``labels.txt`` (the associated-file layout of TFLite metadata; interpreters ignore it)."""
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    text = ("\n".join(labels) + "\n").encode()
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite.read_bytes()))
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(text, dtype=np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = LABELS_METADATA
-    entry.buffer = len(model.buffers) - 1
-    model.metadata = [*(model.metadata or []), entry]
-    archive = io.BytesIO(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
-    archive.seek(0, io.SEEK_END)
-    # append mode on non-zip content writes offsets from the start of the file, as standard zip readers expect
-    with zipfile.ZipFile(archive, "a", zipfile.ZIP_STORED) as zf:
-        zf.writestr(LABELS, text)
-    tflite.write_bytes(archive.getvalue())
-    return {"metadata_entry": LABELS_METADATA, "associated_file": LABELS}
-
-
-def read_embedded_labels(tflite: Path) -> list[str]:
-    """The labels appended to a TFLite file by :func:`embed_labels` (as a mobile app's zip reader sees them)."""
-    with zipfile.ZipFile(tflite) as zf:
-        return zf.read(LABELS).decode().splitlines()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -146,10 +125,10 @@ def run_export(cfg: ExportConfig) -> ExportResult:
 
     from transfer.data import load_run_dataset
 
-    needs_data = cfg.verify or any(r.name == "tflite_int8" for r in rows)
-    dataset = load_run_dataset(source, run_dir, "pass --no-verify") if needs_data else None
+    needs_calibration = any(r.needs_calibration for r in rows)
+    dataset = load_run_dataset(source, run_dir, "pass --no-verify") if cfg.verify or needs_calibration else None
     calibration = None
-    if any(r.name == "tflite_int8" for r in rows):
+    if needs_calibration:
         calibration_images(dataset.train.x, cfg.options.calibration_samples)  # refuse before any work
 
         def calibration(n):
@@ -165,9 +144,7 @@ def run_export(cfg: ExportConfig) -> ExportResult:
     labels_tmp.write_text("\n".join(classes) + "\n")
     os.replace(labels_tmp, out / LABELS)
 
-    previous = {}
-    if (out / rundir.MANIFEST).is_file():
-        previous = rundir.read_json(out / rundir.MANIFEST).get("export", {}).get("formats", {})
+    previous = (contract.read_manifest(out) or {}).get(SECTION, {}).get(FORMATS_KEY, {})
     work = out / f".work-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     ctx = ExportContext(model, work, calibration)
@@ -183,9 +160,9 @@ def run_export(cfg: ExportConfig) -> ExportResult:
     reports = {}
     if cfg.verify:
         reports = _verify_all(model, predictors, dataset, entries, cfg.verify_samples)
-        rundir.write_json(out / VERIFY, {"split": "test", "source_run": str(run_dir.resolve()), "formats": reports})
+        _write_reports(out, run_dir.resolve(), reports)
     manifest = _manifest(source, run_dir, {**previous, **entries}, cfg.verify)
-    rundir.write_json(out / rundir.MANIFEST, manifest)
+    rundir.write_json(out / MANIFEST, manifest)
     return ExportResult(out, manifest, reports)
 
 
@@ -195,55 +172,27 @@ def _export_one(row: Format, ctx: ExportContext, out: Path, options: ExportOptio
     _remove(tmp)
     try:
         facts = row.export(ctx, tmp, options) or {}
-        if row.family == "tflite":
-            facts["labels"] = embed_labels(tmp, classes)
+        if row.embed_labels is not None:
+            facts[LABELS_KEY] = row.embed_labels(tmp, classes)
         predictor = row.load(tmp)  # proves the artifact loads in its runtime before it replaces anything
         _install(tmp, dest)
         predictor = row.load(dest)
+        if row.describe is not None:
+            facts.update(row.describe(dest, predictor))
     except Exception as exc:  # one format failing must not stop the others: record it and go on
         _remove(tmp)
         print(f"export: {row.name} failed: {_one_line(exc)}", flush=True)
-        return {"file": row.file, "status": "failed-export", "error": _one_line(exc)}, None
+        return {FILE_KEY: row.file, STATUS_KEY: FAILED_EXPORT, "error": _one_line(exc)}, None
     entry = {
-        "file": row.file,
-        "status": "exported",
-        "sha256": sha256_of(dest),
-        "size_bytes": size_of(dest),
+        FILE_KEY: row.file,
+        STATUS_KEY: EXPORTED,
+        SHA256_KEY: sha256_of(dest),
+        SIZE_KEY: size_of(dest),
         "inputs": predictor.inputs,
         "outputs": predictor.outputs,
         **facts,
     }
-    if row.name == "tflite_int8":
-        entry["quantization"] = {"input": predictor.inputs[0]["quantization"],
-                                 "output": predictor.outputs[0]["quantization"],
-                                 "internal": _int8_boundaries(dest)}
     return entry, predictor
-
-
-def _int8_boundaries(path: Path) -> dict:
-    """Scale/zero-point of the int8 tensors right after the input and right before the output (float I/O models
-    quantize and dequantize at the edges, so the interface tensors themselves carry no parameters)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path))
-    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
-    inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
-    first = last = None
-    for op in interpreter._get_ops_details():  # private, but the only way to walk the graph's edges
-        if inp in op["inputs"] and first is None:
-            first = op["outputs"][0] if op["op_name"] == "QUANTIZE" else inp
-        if out in op["outputs"]:
-            last = op["inputs"][0] if op["op_name"] == "DEQUANTIZE" else out
-
-    def params(index):
-        if index is None:
-            return None
-        t = tensors[index]
-        q = t["quantization_parameters"]
-        return {"tensor": t["name"], "dtype": np.dtype(t["dtype"]).name,
-                "scale": [float(s) for s in q["scales"]], "zero_point": [int(z) for z in q["zero_points"]]}
-
-    return {"input": params(first), "output": params(last)}
 
 
 def _verify_all(model, predictors: dict, dataset, entries: dict, limit: int | None) -> dict:
@@ -257,14 +206,14 @@ def _verify_all(model, predictors: dict, dataset, entries: dict, limit: int | No
     reports = {}
     for name, predictor in predictors.items():
         if predictor is None:
-            reports[name] = {"passed": False, "failures": [entries[name]["error"]], "status": "failed-export"}
+            reports[name] = {"passed": False, "failures": [entries[name]["error"]], STATUS_KEY: FAILED_EXPORT}
             continue
         try:
             report = verify(reference, predictor, inputs, y, FORMATS[name].thresholds)
         except Exception as exc:  # a runtime that cannot run the artifact fails verification, it does not crash
             report = {"passed": False, "failures": [f"inference failed: {_one_line(exc)}"]}
-        report["status"] = "verified" if report["passed"] else "failed-verification"
-        entries[name]["status"] = report["status"]
+        report[STATUS_KEY] = VERIFIED if report["passed"] else FAILED_VERIFICATION
+        entries[name][STATUS_KEY] = report[STATUS_KEY]
         entries[name]["verification"] = {k: report.get(k) for k in
                                          ("max_abs_diff", "mean_abs_diff", "top1_agreement", "accuracy", "failures")}
         reports[name] = report
@@ -284,15 +233,19 @@ def _manifest(source: dict, run_dir: Path, formats: dict, verified: bool) -> dic
             versions[package] = None
     return {
         **source,
-        "export": {
-            "source_run": str(Path(run_dir).resolve()),
-            "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "labels": LABELS,
-            "verification": VERIFY if verified else "skipped (--no-verify)",
-            "formats": formats,
-            "versions": versions,
+        SECTION: {
+            SOURCE_RUN: str(Path(run_dir).resolve()),
+            EXPORTED_AT: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            LABELS_KEY: LABELS,
+            VERIFICATION_KEY: VERIFY if verified else "skipped (--no-verify)",
+            FORMATS_KEY: formats,
+            VERSIONS_KEY: versions,
         },
     }
+
+
+def _write_reports(out: Path, run_dir: Path, reports: dict) -> None:
+    rundir.write_json(out / VERIFY, {"split": "test", SOURCE_RUN: str(run_dir), FORMATS_KEY: reports})
 
 
 def reverify(export_dir: Path, limit: int | None = None) -> ExportResult:
@@ -301,34 +254,33 @@ def reverify(export_dir: Path, limit: int | None = None) -> ExportResult:
 
     import transfer.layers  # noqa: F401
 
-    export_dir = Path(export_dir)
-    if not (export_dir / rundir.MANIFEST).is_file() or "export" not in rundir.read_json(export_dir / rundir.MANIFEST):
-        raise UserError(f"'{export_dir}' is not an export directory (no manifest.json with an export section); "
-                        "run `transfer export RUN_DIR` first")
-    manifest = rundir.read_json(export_dir / rundir.MANIFEST)
-    run_dir = Path(manifest["export"]["source_run"])
+    export = ExportDir.open(export_dir, check_name=False)
+    manifest = export.manifest
+    run_dir = export.source_run
+    if run_dir is None:
+        raise UserError(f"{export.path / MANIFEST} records no {SOURCE_RUN}; export the run again with "
+                        "`transfer export RUN_DIR`")
     source = rundir.load_complete(run_dir)
     from transfer.data import load_run_dataset
 
     dataset = load_run_dataset(source, run_dir, "pass --no-verify")
     model = keras.models.load_model(run_dir / rundir.MODEL)
-    entries = manifest["export"]["formats"]
+    entries = export.formats()
     predictors = {}
     for name, entry in entries.items():
-        if entry["status"] == "failed-export" or name not in FORMATS:
+        if entry.get(STATUS_KEY) == FAILED_EXPORT or name not in FORMATS:
             continue
-        path = export_dir / entry["file"]
         try:
-            predictors[name] = FORMATS[name].load(path)
+            predictors[name] = FORMATS[name].load(export.path_of(name))
         except Exception as exc:  # a damaged artifact fails verification
             predictors[name] = None
             entry["error"] = f"cannot load: {_one_line(exc)}"
-        entry["sha256_matches"] = path.exists() and sha256_of(path) == entry.get("sha256")
+        entry["sha256_matches"] = export.sha256_matches(name)
     reports = _verify_all(model, predictors, dataset, entries, limit)
     for name, predictor in predictors.items():
         if predictor is None:
-            entries[name]["status"] = "failed-verification"
-            reports[name]["status"] = "failed-verification"
-    rundir.write_json(export_dir / VERIFY, {"split": "test", "source_run": str(run_dir), "formats": reports})
-    rundir.write_json(export_dir / rundir.MANIFEST, manifest)
-    return ExportResult(export_dir, manifest, reports)
+            entries[name][STATUS_KEY] = FAILED_VERIFICATION
+            reports[name][STATUS_KEY] = FAILED_VERIFICATION
+    _write_reports(export.path, run_dir, reports)
+    rundir.write_json(export.path / MANIFEST, manifest)
+    return ExportResult(export.path, manifest, reports)

@@ -1,17 +1,27 @@
-"""The export-format table: one frozen row per format drives exporters, option checks, loaders, bench and tests."""
+"""The export-format table: one frozen row per format drives exporters, option checks, loaders, bench and tests.
+
+Adding a format is one row here plus its exporter function. A row names its file in the export directory, its
+exporter, its runtime (the loader in export.runtimes), and its special cases as columns: labels embedded in the
+artifact, calibration data needed, extra manifest facts described after loading. Importing this module imports no
+TensorFlow: the exporters import it when they run.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from export.contract import FAILED_EXPORT, LABELS, STATUS_KEY, ExportDir
+from export.runtimes import LITERT, ONNXRUNTIME, TENSORFLOW, Predictor, Runtime, int8_boundaries
 from transfer.errors import UserError, unknown
 
 DEFAULT_OPSET = 15
@@ -51,23 +61,18 @@ class Format:
     name: str
     file: str  # file or directory name inside the export directory
     export: Callable  # (ctx: ExportContext, dest: Path, options: ExportOptions) -> dict of format facts
-    load: Callable  # (path, num_threads=None) -> Predictor
+    runtime: Runtime  # runs the artifact: export.runtimes.ONNXRUNTIME, LITERT or TENSORFLOW
     options: frozenset[str] = field(default_factory=frozenset)  # ExportOptions fields this format takes
     thresholds: Thresholds = FLOAT32
     family: str = ""  # what the user names in --formats (tflite variants expand through --quantize)
     quantize: str | None = None  # the --quantize value selecting this tflite variant
+    embed_labels: Callable[[Path, list[str]], dict] | None = None  # (artifact, classes) -> facts; labels inside
+    needs_calibration: bool = False  # exporting needs training images (ExportContext.calibration)
+    describe: Callable[[Path, Predictor], dict] | None = None  # (artifact, loaded) -> extra manifest facts
 
-
-class Predictor:
-    """A loaded artifact: ``predict(batch_float32) -> probabilities``, plus its input/output descriptions."""
-
-    def __init__(self, fn: Callable, inputs: list[dict], outputs: list[dict]):
-        self._fn = fn
-        self.inputs = inputs
-        self.outputs = outputs
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self._fn(np.ascontiguousarray(batch, dtype=np.float32)), dtype=np.float32)
+    def load(self, path, num_threads: int | None = None) -> Predictor:
+        """The artifact at ``path`` in this format's runtime."""
+        return self.runtime.load(path, num_threads)
 
 
 class ExportContext:
@@ -192,102 +197,61 @@ def _make_batch_dynamic(model) -> None:
             dims[0].dim_param = "batch"
 
 
-# ---------------------------------------------------------------------------------------------- runtime loaders
+# ---------------------------------------------------------------------------------------------- special cases
+
+LABELS_METADATA = LABELS  # name of the TFLite metadata entry and of the associated file holding the labels
 
 
-def _describe(name, shape, dtype) -> dict:
-    return {"name": name, "shape": [None if d in (None, -1) or isinstance(d, str) else int(d) for d in shape],
-            "dtype": np.dtype(dtype).name}
+def embed_tflite_labels(tflite: Path, labels: list[str]) -> dict:
+    """Make the labels travel inside a TFLite file: a model metadata entry, plus a zip appended to the
+    flatbuffer holding ``labels.txt`` (the associated-file layout of TFLite metadata; interpreters ignore it)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    text = ("\n".join(labels) + "\n").encode()
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite.read_bytes()))
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(text, dtype=np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = LABELS_METADATA
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    archive = io.BytesIO(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    archive.seek(0, io.SEEK_END)
+    # append mode on non-zip content writes offsets from the start of the file, as standard zip readers expect
+    with zipfile.ZipFile(archive, "a", zipfile.ZIP_STORED) as zf:
+        zf.writestr(LABELS, text)
+    tflite.write_bytes(archive.getvalue())
+    return {"metadata_entry": LABELS_METADATA, "associated_file": LABELS}
 
 
-def load_savedmodel(path, num_threads: int | None = None) -> Predictor:
-    """The SavedModel in TensorFlow (thread count is process-wide in TF; set it before TF starts)."""
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(path))
-    serve = loaded.signatures["serving_default"]
-    (in_name, in_spec), = serve.structured_input_signature[1].items()
-    out_name, out_spec = next(iter(serve.structured_outputs.items()))
-
-    def predict(batch):
-        return serve(**{in_name: tf.constant(batch)})[out_name].numpy()
-
-    predictor = Predictor(predict, [_describe(in_name, in_spec.shape.as_list(), in_spec.dtype.as_numpy_dtype)],
-                          [_describe(out_name, out_spec.shape.as_list(), out_spec.dtype.as_numpy_dtype)])
-    predictor.keepalive = loaded
-    return predictor
+def read_embedded_labels(tflite: Path) -> list[str]:
+    """The labels appended to a TFLite file by :func:`embed_tflite_labels` (as a mobile app's zip reader sees them)."""
+    with zipfile.ZipFile(tflite) as zf:
+        return zf.read(LABELS).decode().splitlines()
 
 
-def _quant(detail: dict) -> dict:
-    q = detail.get("quantization_parameters") or {}
-    scales, zeros = q.get("scales", []), q.get("zero_points", [])
-    return {"scale": [float(s) for s in scales], "zero_point": [int(z) for z in zeros]}
-
-
-def load_tflite(path, num_threads: int | None = None) -> Predictor:
-    """A TFLite file in the ai-edge-litert interpreter; int8 inputs/outputs are (de)quantized here."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
-    interpreter.allocate_tensors()
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    state = {"batch": int(inp["shape"][0])}
-
-    def predict(batch):
-        if batch.shape[0] != state["batch"]:
-            interpreter.resize_tensor_input(inp["index"], list(batch.shape), strict=False)
-            interpreter.allocate_tensors()
-            state["batch"] = batch.shape[0]
-        if inp["dtype"] != np.float32:
-            scale, zero = inp["quantization"]
-            info = np.iinfo(inp["dtype"])
-            batch = np.clip(np.round(batch / scale + zero), info.min, info.max).astype(inp["dtype"])
-        interpreter.set_tensor(inp["index"], batch)
-        interpreter.invoke()
-        result = interpreter.get_tensor(out["index"])
-        if out["dtype"] != np.float32:
-            scale, zero = out["quantization"]
-            result = (result.astype(np.float32) - zero) * scale
-        return result
-
-    def side(d):
-        return {**_describe(d["name"], d["shape_signature"], d["dtype"]), "quantization": _quant(d)}
-
-    return Predictor(predict, [side(inp)], [side(out)])
-
-
-def load_onnx(path, num_threads: int | None = None) -> Predictor:
-    """An ONNX file in onnxruntime on the CPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if num_threads:
-        options.intra_op_num_threads = num_threads
-        options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    inp, out = session.get_inputs()[0], session.get_outputs()[0]
-    dtype = {"tensor(float)": np.float32}
-
-    def predict(batch):
-        return session.run([out.name], {inp.name: batch})[0]
-
-    return Predictor(predict, [_describe(inp.name, inp.shape, dtype.get(inp.type, np.float32))],
-                     [_describe(out.name, out.shape, dtype.get(out.type, np.float32))])
+def _describe_int8(path: Path, predictor: Predictor) -> dict:
+    """The quantization parameters an int8 model's caller needs: interface tensors and the int8 edges inside."""
+    return {"quantization": {"input": predictor.inputs[0]["quantization"],
+                             "output": predictor.outputs[0]["quantization"],
+                             "internal": int8_boundaries(path)}}
 
 
 # ---------------------------------------------------------------------------------------------- the table
 
+_TFLITE = {"runtime": LITERT, "family": "tflite", "embed_labels": embed_tflite_labels}
 _ROWS = (
-    Format("savedmodel", "saved_model", _export_savedmodel, load_savedmodel, family="savedmodel"),
-    Format("tflite", "model.tflite", _export_tflite, load_tflite, family="tflite"),
-    Format("tflite_fp16", "model_fp16.tflite", _export_tflite_fp16, load_tflite, thresholds=FLOAT16,
-           family="tflite", quantize="fp16"),
-    Format("tflite_dynamic", "model_dynamic.tflite", _export_tflite_dynamic, load_tflite, thresholds=QUANTIZED,
-           family="tflite", quantize="dynamic"),
-    Format("tflite_int8", "model_int8.tflite", _export_tflite_int8, load_tflite,
-           options=frozenset({"calibration_samples", "int8_io"}), thresholds=QUANTIZED,
-           family="tflite", quantize="int8"),
-    Format("onnx", "model.onnx", _export_onnx, load_onnx, options=frozenset({"opset"}), family="onnx"),
+    Format("savedmodel", "saved_model", _export_savedmodel, TENSORFLOW, family="savedmodel"),
+    Format("tflite", "model.tflite", _export_tflite, **_TFLITE),
+    Format("tflite_fp16", "model_fp16.tflite", _export_tflite_fp16, thresholds=FLOAT16, quantize="fp16", **_TFLITE),
+    Format("tflite_dynamic", "model_dynamic.tflite", _export_tflite_dynamic, thresholds=QUANTIZED,
+           quantize="dynamic", **_TFLITE),
+    Format("tflite_int8", "model_int8.tflite", _export_tflite_int8, thresholds=QUANTIZED, quantize="int8",
+           options=frozenset({"calibration_samples", "int8_io"}), needs_calibration=True, describe=_describe_int8,
+           **_TFLITE),
+    Format("onnx", "model.onnx", _export_onnx, ONNXRUNTIME, options=frozenset({"opset"}), family="onnx"),
 )
 FORMATS: dict[str, Format] = {row.name: row for row in _ROWS}
 FAMILIES = tuple(dict.fromkeys(row.family for row in _ROWS))
@@ -336,3 +300,31 @@ def check_options(rows: list[Format], given: dict[str, str]) -> None:
         if not any(option in r.options for r in rows):
             raise UserError(f"{flag} applies only to {' or '.join(takers)}, which the chosen formats "
                             f"({', '.join(r.name for r in rows)}) do not include")
+
+
+def load_format(export: ExportDir, fmt: str, num_threads: int | None = None, **runtime_options) -> Predictor:
+    """``fmt``'s artifact of ``export`` loaded in its runtime (``runtime_options`` go to the loader).
+
+    Any format row the export's manifest lists can be loaded; an unknown or unlisted format, a failed export, a
+    missing file or one its runtime cannot open is a one-line UserError.
+    """
+    listed = export.formats()
+    if fmt not in FORMATS:
+        raise unknown("format", fmt, [n for n in listed if n in FORMATS] or FORMATS)
+    if fmt not in listed:
+        raise UserError(f"{export.path} has no {fmt} model (it has {', '.join(listed) or 'none'}); "
+                        f"export it with `transfer export RUN_DIR --formats {fmt}`")
+    if listed[fmt].get(STATUS_KEY) == FAILED_EXPORT:
+        raise UserError(f"{fmt} failed to export into {export.path} ({listed[fmt].get('error')}); "
+                        f"export it again with `transfer export RUN_DIR --formats {fmt}`")
+    path = export.path_of(fmt)
+    if not path.exists():
+        raise UserError(f"{export.path} has no {fmt} model ({path.name} is missing); re-export with `transfer export`")
+    row = FORMATS[fmt]
+    try:
+        return row.runtime.load(path, num_threads, **runtime_options)
+    except UserError:
+        raise
+    except Exception as exc:  # each runtime raises its own exception types for files it cannot read
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path} could not be opened by {row.runtime.name}: {first}") from exc

@@ -1,4 +1,5 @@
-"""export/: every format of the table round-trips a tiny trained run and passes parity verification."""
+"""export/: every format of the table round-trips a tiny trained run and passes parity verification; the directory
+it writes is what export.contract.ExportDir reads."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
-from export.exporter import calibration_images, read_embedded_labels, sha256_of
-from export.formats import FLOAT32, FORMATS, Thresholds, select_formats
+from export.contract import ExportDir, export_is_current, sha256_of
+from export.exporter import calibration_images
+from export.formats import FORMATS, read_embedded_labels
 from export.verify import verify
 from transfer.cli import main
 from transfer.errors import UserError
@@ -86,6 +88,22 @@ def test_export_writes_labels_and_source(tiny_export, tiny_run):
     assert manifest["input"]["shape"] == [32, 32, 3] and manifest["status"] == "complete"
     for name in ("tflite", "tflite_int8"):
         assert read_embedded_labels(out / FORMATS[name].file) == classes
+
+
+def test_the_contract_reads_what_the_exporter_writes(tiny_export, tiny_run):
+    out, manifest = tiny_export
+    export = ExportDir.open(out)
+    assert export.name == "tiny" and list(export.classes) == manifest["classes"] and export.input_shape == (32, 32, 3)
+    assert export.exported_at == manifest["export"]["exported_at"] is not None
+    assert export.source_run == tiny_run.resolve() and export.source_run_name == "tiny"
+    assert set(export.formats()) == set(FORMATS)
+    for name, row in FORMATS.items():
+        assert export.path_of(name) == (out / row.file).resolve() and export.sha256_matches(name)
+        assert export.check_sha256(name) == manifest["export"]["formats"][name]["sha256"]
+    assert set(export.verification()) == set(FORMATS)
+    run_manifest = json.loads((tiny_run / "manifest.json").read_text())
+    assert export_is_current(out, tiny_run, run_manifest, list(FORMATS))
+    assert not export_is_current(out, tiny_run.parent, run_manifest, list(FORMATS))
 
 
 def test_onnx_has_a_dynamic_batch(tiny_export):
@@ -206,29 +224,9 @@ def test_no_calibration_data_is_a_user_error():
     assert picked.shape == (5, 2, 2, 3) and picked.dtype == np.float32
 
 
-def test_format_selection_follows_the_table():
-    assert [r.name for r in select_formats(None, None)] == list(FORMATS)
-    assert [r.name for r in select_formats("savedmodel,tflite,onnx", "int8")] == [
-        "savedmodel", "tflite", "tflite_int8", "onnx"]
-    assert [r.name for r in select_formats("tflite_fp16", None)] == ["tflite_fp16"]
-    assert [r.name for r in select_formats(None, "dynamic")] == ["savedmodel", "tflite", "tflite_dynamic", "onnx"]
-
-
-def test_verify_reports_differences_and_accuracy():
-    ref = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], np.float32)
-    labels = np.array([0, 1, 1])
-    assert verify(ref, ref.copy(), np.zeros((3, 1)), labels, FLOAT32)["passed"]
-    flipped = ref[:, ::-1]
-    report = verify(ref, flipped, np.zeros((3, 1)), labels, FLOAT32)
-    assert not report["passed"] and report["top1_agreement"] == 0.0
-    assert report["max_abs_diff"] == pytest.approx(0.8) and report["accuracy"] == pytest.approx(1 / 3)
-    drop = verify(ref, flipped, np.zeros((3, 1)), labels, Thresholds(max_accuracy_drop=0.01))
-    assert not drop["passed"] and "points below" in drop["failures"][0]
-
-
 @pytest.mark.slow
 def test_hub_backbone_run_exports(tmp_path):
-    from test_hub import save_hub_module
+    from hub_fixtures import save_hub_module
 
     hub = save_hub_module(tmp_path / "hub_module", with_variable_lists=True)
     run = _train(tmp_path, "hub", "--backbone", f"hub:{hub}", "--unfreeze", "0", "--synthetic-train", "100",

@@ -1,0 +1,200 @@
+"""One loader per runtime, shared by export, verify, bench, predict and serve; TensorFlow is imported only by
+:func:`load_savedmodel`, when it runs.
+
+Every loader returns a :class:`Predictor`: ``predictor(batch) -> probabilities`` on float32 (N, H, W, 3) raw pixels,
+with ``inputs`` and ``outputs`` describing the artifact's tensors (name, shape with None for dynamic dimensions,
+dtype; LiteRT adds quantization parameters). A missing runtime package is a one-line UserError naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transfer.errors import UserError
+
+
+class Predictor:
+    """A loaded artifact: ``predict(batch_float32) -> probabilities``, plus its input/output descriptions.
+
+    ``session`` is the runtime object underneath (an ONNX Runtime session, a LiteRT interpreter, a SavedModel),
+    kept alive with the predictor.
+    """
+
+    def __init__(self, fn: Callable, inputs: list[dict], outputs: list[dict], session: Any = None):
+        self._fn = fn
+        self.inputs = inputs
+        self.outputs = outputs
+        self.session = session
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self._fn(np.ascontiguousarray(batch, dtype=np.float32)), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """An inference runtime: the package it needs and its loader ``(path, num_threads=None) -> Predictor``."""
+
+    name: str
+    package: str  # what to pip install
+    load: Callable[..., Predictor]
+    process_wide_threads: bool = False  # its thread count is set once per process, not per loaded model
+
+
+def _dims(shape) -> list[int | None]:
+    """Dynamic dimensions (None, -1, symbolic names) as None, the others as ints."""
+    return [None if d in (None, -1) or isinstance(d, str) else int(d) for d in shape]
+
+
+def describe(name: str, shape, dtype) -> dict:
+    """A tensor as the manifest records it: name, shape (None for dynamic dimensions), NumPy dtype name."""
+    return {"name": name, "shape": _dims(shape), "dtype": np.dtype(dtype).name}
+
+
+def _missing(package: str, what: str) -> UserError:
+    return UserError(f"{what} needs {package}, which is not installed: pip install {package}")
+
+
+# ---------------------------------------------------------------------------------------------- ONNX Runtime
+
+# ONNX Runtime's type strings for the tensor types it reports
+_ORT_DTYPES = {"float": "float32", "double": "float64", "float16": "float16", "int8": "int8", "uint8": "uint8",
+               "int16": "int16", "uint16": "uint16", "int32": "int32", "int64": "int64", "bool": "bool"}
+
+
+def _ort_dtype(type_string: str) -> str:
+    inner = type_string.removeprefix("tensor(").removesuffix(")")
+    return _ORT_DTYPES.get(inner, inner)
+
+
+def load_onnx(path, num_threads: int | None = None, options=None) -> Predictor:
+    """An ONNX file in ONNX Runtime on the CPU; ``options`` (an ``ort.SessionOptions``) overrides the defaults."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise _missing("onnxruntime", "the onnx format") from exc
+
+    if options is None:
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+            options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    in_name, out_name = inputs[0].name, outputs[0].name
+
+    def predict(batch):
+        return session.run([out_name], {in_name: batch})[0]
+
+    def side(values):
+        return [{"name": v.name, "shape": _dims(v.shape), "dtype": _ort_dtype(v.type)} for v in values]
+
+    return Predictor(predict, side(inputs), side(outputs), session)
+
+
+# ---------------------------------------------------------------------------------------------- LiteRT
+
+
+def _quantization(detail: dict) -> dict:
+    q = detail.get("quantization_parameters") or {}
+    scales, zeros = q.get("scales", []), q.get("zero_points", [])
+    return {"scale": [float(s) for s in scales], "zero_point": [int(z) for z in zeros]}
+
+
+def _interpreter(path, num_threads: int | None = None):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as exc:
+        raise _missing("ai-edge-litert", "the tflite formats") from exc
+    return Interpreter(model_path=str(path), num_threads=num_threads)
+
+
+def load_tflite(path, num_threads: int | None = None) -> Predictor:
+    """A TFLite file in the LiteRT interpreter; the batch is resized to each call's, integer-quantized inputs and
+    outputs are (de)quantized here with the tensors' scale and zero point."""
+    interpreter = _interpreter(path, num_threads)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    state = {"batch": int(inp["shape"][0])}
+
+    def predict(batch):
+        if batch.shape[0] != state["batch"]:
+            interpreter.resize_tensor_input(inp["index"], list(batch.shape), strict=False)
+            interpreter.allocate_tensors()
+            state["batch"] = batch.shape[0]
+        scale, zero = inp["quantization"]
+        if np.issubdtype(inp["dtype"], np.integer) and scale:
+            info = np.iinfo(inp["dtype"])
+            batch = np.clip(np.round(batch / scale + zero), info.min, info.max)
+        interpreter.set_tensor(inp["index"], batch.astype(inp["dtype"], copy=False))
+        interpreter.invoke()
+        result = interpreter.get_tensor(out["index"])
+        scale, zero = out["quantization"]
+        if np.issubdtype(result.dtype, np.integer) and scale:
+            result = (result.astype(np.float32) - zero) * scale
+        return result
+
+    def side(details):
+        return [{**describe(d["name"], d["shape_signature"], d["dtype"]), "quantization": _quantization(d)}
+                for d in details]
+
+    return Predictor(predict, side(interpreter.get_input_details()), side(interpreter.get_output_details()),
+                     interpreter)
+
+
+def int8_boundaries(path: Path) -> dict:
+    """Scale/zero-point of the int8 tensors right after the input and right before the output of a TFLite file
+    (float I/O models quantize and dequantize at the edges, so the interface tensors carry no parameters)."""
+    interpreter = _interpreter(path)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+    first = last = None
+    for op in interpreter._get_ops_details():  # private, but the only way to walk the graph's edges
+        if inp in op["inputs"] and first is None:
+            first = op["outputs"][0] if op["op_name"] == "QUANTIZE" else inp
+        if out in op["outputs"]:
+            last = op["inputs"][0] if op["op_name"] == "DEQUANTIZE" else out
+
+    def params(index):
+        if index is None:
+            return None
+        t = tensors[index]
+        q = t["quantization_parameters"]
+        return {"tensor": t["name"], "dtype": np.dtype(t["dtype"]).name,
+                "scale": [float(s) for s in q["scales"]], "zero_point": [int(z) for z in q["zero_points"]]}
+
+    return {"input": params(first), "output": params(last)}
+
+
+# ---------------------------------------------------------------------------------------------- TensorFlow
+
+
+def load_savedmodel(path, num_threads: int | None = None) -> Predictor:
+    """A SavedModel's serving_default signature in TensorFlow (imported here; its thread count is process-wide,
+    set before TensorFlow starts, so ``num_threads`` is not used)."""
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        raise _missing("tensorflow", "the savedmodel format") from exc
+
+    loaded = tf.saved_model.load(str(path))
+    serve = loaded.signatures.get("serving_default")
+    if serve is None:
+        raise UserError(f"{path} has no serving_default signature; re-export it with `transfer export`")
+    (in_name, in_spec), = serve.structured_input_signature[1].items()
+    out_name, out_spec = next(iter(serve.structured_outputs.items()))
+
+    def predict(batch):
+        return serve(**{in_name: tf.constant(batch)})[out_name].numpy()
+
+    return Predictor(predict, [describe(in_name, in_spec.shape.as_list(), in_spec.dtype.as_numpy_dtype)],
+                     [describe(out_name, out_spec.shape.as_list(), out_spec.dtype.as_numpy_dtype)], loaded)
+
+
+ONNXRUNTIME = Runtime("onnxruntime", "onnxruntime", load_onnx)
+LITERT = Runtime("litert", "ai-edge-litert", load_tflite)
+TENSORFLOW = Runtime("tensorflow", "tensorflow", load_savedmodel, process_wide_threads=True)
