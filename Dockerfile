@@ -6,7 +6,10 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# serve imports the export contract and runtime loaders (export.contract, export.formats, export.runtimes) and a
+# few TensorFlow-free helpers of transfer (errors, images); none of them imports TensorFlow at import time.
 COPY transfer/ transfer/
+COPY export/ export/
 COPY serve/ serve/
 # --no-deps: the package's core dependencies are the training stack (TensorFlow); the service needs only these.
 RUN pip install --no-cache-dir --prefix=/install \

@@ -3,7 +3,8 @@ in-process ONNX Runtime throughput, then a run with malformed requests mixed in 
 
     python benchmarks/serve_load.py [--export DIR] [--requests 3000] [--seconds 10]
 
-Without --export it builds a small CNN export (64x64 input) with tests/serve_fixtures.py (needs TensorFlow once).
+Without --export it trains and exports a small CNN (fashion-mnist-cnn baseline, 64x64 input) with
+tests/serve/serve_fixtures.py (needs TensorFlow once).
 Bounded: at most --requests requests and --seconds seconds per level; the server binds 127.0.0.1 only.
 
 "Raw" is the best of two in-process ways to run the model at --max-batch with every core busy: one session stream
@@ -32,10 +33,11 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "serve")]
 
+from export.contract import ExportDir  # noqa: E402
 from serve.inputs import decode_all  # noqa: E402
-from serve.model import OnnxModel, read_export  # noqa: E402
+from serve.model import OnnxModel  # noqa: E402
 from serve.settings import available_cores  # noqa: E402
 
 
@@ -185,8 +187,9 @@ def main() -> int:
     else:
         from serve_fixtures import build_export
 
-        export_dir = build_export(Path(tmp.name) / "bench", size=(64, 64), formats=("onnx",), width=16, blocks=3)
-    export = read_export(export_dir)
+        export_dir = build_export(Path(tmp.name) / "bench", formats=("onnx",), image_size=64,
+                                  baseline="fashion-mnist-cnn")
+    export = ExportDir.open(export_dir)
     cores = available_cores()
     all_threads, one_thread = OnnxModel(export, threads=cores), OnnxModel(export, threads=1)
     blobs = _images(64, export.size)

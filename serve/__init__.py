@@ -1,1 +1,2 @@
-"""Serving exported models over HTTP with ONNX Runtime: app factory, batching engine, decoding, settings, client."""
+"""Serving exported models over HTTP with ONNX Runtime (app factory, batching engine, decoding, settings, client) and
+`transfer predict`; export directories and runtimes come from export.contract and export.runtimes. No TensorFlow."""

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from export.contract import NAME_PATTERN
 from serve.engine import Batcher, Overloaded, tune_switch_interval
 from serve.inputs import (
     INLINE_PIXELS,
@@ -30,7 +31,7 @@ from serve.inputs import (
     pixel_count,
 )
 from serve.metrics import Metrics
-from serve.model import NAME_PATTERN, OnnxModel, discover
+from serve.model import OnnxModel, discover
 from serve.settings import Settings
 
 log = logging.getLogger("serve")

@@ -78,7 +78,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from serve.runtimes import predict_files
+    from serve.predict import predict_files
 
     if args.top_k < 1:
         raise UserError(f"--top-k={args.top_k} must be >= 1")
@@ -104,13 +104,14 @@ def register(subparsers) -> None:
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
-    from serve.runtimes import RUNTIMES
+    from export.formats import FORMATS
 
     p = subparsers.add_parser("predict", help="classify image files with an exported model, without a server")
     p.add_argument("export_dir", metavar="EXPORT_DIR")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--format", default="onnx",
-                   help=f"which exported model to run: {' | '.join(RUNTIMES)} | tflite_* variants (default onnx)")
+                   help=f"which of the export's formats to run: {' | '.join(FORMATS)} (default onnx; only "
+                   "savedmodel needs TensorFlow)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON with the full probability vectors")
     p.set_defaults(func=cmd_predict)

@@ -1,4 +1,8 @@
-"""serve/: the HTTP API over ONNX Runtime, its input safety, batching, auth, model repos and `transfer predict`."""
+"""serve/: the HTTP API over ONNX Runtime, its input safety, batching, auth, model repos and `transfer predict`.
+
+The export served is real: a run trained by `transfer baseline` on red/green/blue folders and exported by the
+exporter (serve_fixtures.py), so the metadata and formats checked here are what users get.
+"""
 
 from __future__ import annotations
 
@@ -20,13 +24,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_fixtures import CLASSES, build_export, build_model, relabel_copy
+from serve_fixtures import CLASSES, build_export, keras_model, relabel_copy
 
+from export.contract import ExportDir
+from export.formats import FORMATS
 from serve.app import create_app
 from serve.client import ServeClient, ServeError
 from serve.engine import Batcher
 from serve.metrics import Metrics
-from serve.model import OnnxModel, read_export
+from serve.model import OnnxModel
 from serve.settings import Settings
 from transfer.errors import UserError
 from transfer.images import decode_image
@@ -34,7 +40,8 @@ from transfer.images import decode_image
 fastapi_testclient = pytest.importorskip("fastapi.testclient")
 TestClient = fastapi_testclient.TestClient
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+EXPORTED_FORMATS = ("onnx", "savedmodel", "tflite", "tflite_fp16")
 
 
 def _png(pixels: np.ndarray, **kw) -> bytes:
@@ -72,9 +79,9 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(export dir, Keras model) of the tiny three-colour classifier in every format."""
-    model = build_model()
-    return build_export(tmp_path_factory.mktemp("exports") / "tiny", model=model), model
+    """(export dir, Keras model) of the tiny three-colour classifier, trained and exported for real."""
+    export_dir = build_export(tmp_path_factory.mktemp("exports") / "tiny", formats=EXPORTED_FORMATS)
+    return export_dir, keras_model(export_dir)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +163,10 @@ def test_model_listing_status_metadata_health_docs(client, export_dir):
     assert meta["classes"] == list(CLASSES) and meta["input"]["shape"] == [32, 32, 3]
     assert meta["input"]["dtype"] == "float32" and meta["preprocessing"]["resize_interpolation"] == "bilinear"
     assert meta["model"]["sha256"] == manifest["export"]["formats"]["onnx"]["sha256"]
-    assert meta["source_run"] == "artifacts/runs/tiny" and meta["exported"] == manifest["export"]["exported"]
+    assert meta["exported_at"] == manifest["export"]["exported_at"] and meta["exported_at"].startswith("20")
+    # the source run by name: the server's absolute training path is not given away
+    assert meta["source_run"] == "tiny" == Path(manifest["export"]["source_run"]).name
+    assert str(Path(manifest["export"]["source_run"]).parent) not in json.dumps(meta)
     spec = client.get("/openapi.json").json()
     assert "/v1/models/{name}:classify" in spec["paths"] and client.get("/docs").status_code == 200
     params = {p["name"]: p for p in spec["paths"]["/v1/models/{name}:classify"]["post"]["parameters"]}
@@ -167,7 +177,7 @@ def test_model_listing_status_metadata_health_docs(client, export_dir):
 
 # ---------------------------------------------------------------------------------------------- bad input
 
-_RED = _png(np.full((20, 20, 3), 200, np.uint8))
+_RED = _png(np.tile(np.array([220, 30, 30], np.uint8), (20, 20, 1)))
 _JPEG = _jpeg(np.full((64, 64, 3), 90, np.uint8))
 _GOOD_PIXELS = np.zeros((1, 32, 32, 3)).tolist()
 
@@ -282,7 +292,7 @@ def test_no_5xx_recorded_after_the_matrix(client):
 
 @pytest.mark.parametrize("streams", [1, 2])
 def test_coalesced_batches_equal_one_by_one(export_dir, streams):
-    model = OnnxModel(read_export(export_dir), threads=1)
+    model = OnnxModel(ExportDir.open(export_dir), threads=1)
     images = [np.asarray(decode_image(io.BytesIO(_png(p)), 32), np.float32) for p in _images(19)]
     singles = [model.run(x[None])[0] for x in images]
     metrics = Metrics()
@@ -381,7 +391,7 @@ def test_small_and_large_images_decode_alike(export_dir, monkeypatch):
     big = np.kron(_images(1, seed=9)[0], np.ones((10, 10, 1), np.uint8))  # 240x400: above INLINE_PIXELS
     bodies = [_png(big), _png(_images(1, seed=8)[0])]
     assert big.shape[0] * big.shape[1] > serve.app.INLINE_PIXELS
-    model = OnnxModel(read_export(export_dir))
+    model = OnnxModel(ExportDir.open(export_dir))
     offline = model.run(np.stack([decode_image(io.BytesIO(b), 32) for b in bodies]).astype(np.float32))
     answers = {}
     for inline in (0, 10**9):  # everything in the thread pool, then everything on the loop
@@ -455,29 +465,31 @@ def test_model_repository_serves_each_by_name(export_dir, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     relabel_copy(export_dir, repo / "alpha", CLASSES)
-    relabel_copy(export_dir, repo / "beta", ("rouge", "vert", "bleu"))
+    relabel_copy(export_dir, repo / "beta", ("bleu", "vert", "rouge"))
     (repo / "notes").mkdir()  # not an export: ignored
     with TestClient(create_app(Settings(model_repo=str(repo)))) as c:
         assert [m["name"] for m in c.get("/v1/models").json()["models"]] == ["alpha", "beta"]
         a = c.post("/v1/models/alpha:classify?top_k=1", content=_RED).json()["predictions"][0][0]
         b = c.post("/v1/models/beta:classify?top_k=1", content=_RED).json()["predictions"][0][0]
         assert a["index"] == b["index"] and a["score"] == b["score"]
-        assert b["label"] == ("rouge", "vert", "bleu")[b["index"]]
-        assert c.get("/v1/models/beta/metadata").json()["classes"] == ["rouge", "vert", "bleu"]
+        assert b["label"] == ("bleu", "vert", "rouge")[b["index"]] == "rouge"
+        assert c.get("/v1/models/beta/metadata").json()["classes"] == ["bleu", "vert", "rouge"]
 
 
 def test_bad_exports_are_one_line_user_errors(export_dir, tmp_path):
     with pytest.raises(UserError, match="not an export directory"):
-        read_export(tmp_path)
+        ExportDir.open(tmp_path)
     broken = relabel_copy(export_dir, tmp_path / "broken", CLASSES)
     (broken / "labels.txt").write_text("a\nb\nc\n")
     with pytest.raises(UserError, match=r"labels\.txt does not match"):
-        read_export(broken)
+        ExportDir.open(broken)
     tampered = relabel_copy(export_dir, tmp_path / "tampered", CLASSES)
     with open(tampered / "model.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(UserError, match="sha256"):
-        OnnxModel(read_export(tampered))
+        OnnxModel(ExportDir.open(tampered))
+    with pytest.raises(UserError, match="a run directory"):
+        ExportDir.open(Path(json.loads((export_dir / "manifest.json").read_text())["export"]["source_run"]))
     with pytest.raises(UserError, match="nothing to serve"):
         Settings()
     from serve.cli import main
@@ -485,8 +497,9 @@ def test_bad_exports_are_one_line_user_errors(export_dir, tmp_path):
     assert main([str(tmp_path / "missing")]) == 2
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "tflite", "savedmodel"])
+@pytest.mark.parametrize("fmt", EXPORTED_FORMATS)
 def test_transfer_predict_agrees_with_server(client, export_dir, files, fmt, capsys):
+    """Every format row the manifest lists runs locally and agrees with the server within the row's thresholds."""
     from transfer.cli import main
 
     names = ["red.png", "blue.jpg", "rotated.jpg"]
@@ -495,7 +508,8 @@ def test_transfer_predict_agrees_with_server(client, export_dir, files, fmt, cap
     for name, row in zip(names, local, strict=True):
         served = client.post("/v1/models/tiny:classify?top_k=3", content=files[name].read_bytes()).json()
         scores = {p["label"]: p["score"] for p in served["predictions"][0]}
-        np.testing.assert_allclose(row["probabilities"], [scores[c] for c in CLASSES], atol=1e-4)
+        np.testing.assert_allclose(row["probabilities"], [scores[c] for c in CLASSES],
+                                   atol=FORMATS[fmt].thresholds.max_abs_diff)
         assert row["top_k"][0]["label"] == served["predictions"][0][0]["label"]
 
 
@@ -505,14 +519,33 @@ def test_transfer_predict_errors(export_dir, tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"nope")
     assert main(["predict", str(export_dir), str(tmp_path / "bad.png")]) == 2
     assert main(["predict", str(export_dir), str(tmp_path / "bad.png"), "--format", "coreml"]) == 2
+    assert main(["predict", str(export_dir), str(tmp_path / "bad.png"), "--format", "tflite_int8"]) == 2
     err = capsys.readouterr().err
     assert "could not be decoded" in err and "unknown format 'coreml'" in err
+    assert "has no tflite_int8 model" in err and "--formats tflite_int8" in err
 
 
-def test_serve_modules_do_not_import_tensorflow():
-    code = ("import sys, serve.app, serve.cli, serve.client, serve.runtimes\n"
-            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow imported'\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+_NO_TENSORFLOW = """
+import sys
+def loaded():
+    return sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras"))
+import serve.app, serve.cli, serve.client, serve.engine, serve.model, serve.predict
+import export.contract, export.formats, export.runtimes, export.bench, export.verify, export.cli
+assert not loaded(), loaded()
+from transfer.cli import main
+for fmt in sys.argv[3:]:
+    assert main(["predict", sys.argv[1], sys.argv[2], "--format", fmt]) == 0, fmt
+assert not loaded(), loaded()
+"""
+
+
+def test_serve_and_predict_do_not_import_tensorflow(export_dir, files):
+    """What serve imports, and `transfer predict` on the LiteRT and ONNX formats, never load TensorFlow."""
+    formats = [f for f in EXPORTED_FORMATS if FORMATS[f].runtime.name != "tensorflow"]
+    done = subprocess.run([sys.executable, "-c", _NO_TENSORFLOW, str(export_dir), str(files["red.png"]), *formats],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("red.png: red") == len(formats) == 3
 
 
 # ---------------------------------------------------------------------------------------------- real process
