@@ -9,6 +9,10 @@ from transfer import rundir
 from transfer.config import BenchConfig, ExportStepConfig
 from transfer.errors import UserError
 
+# What an export or benchmark of one winner may fail with (bad data, a converter or runtime refusing the model, the
+# disk); anything else is a bug and raises.
+EXPECTED_FAILURES = (UserError, OSError, RuntimeError, ValueError)
+
 
 def _joined(value) -> str | None:
     if value is None:
@@ -77,7 +81,7 @@ def export_winner(run_dir: Path, settings: dict) -> dict:
             entry["error"] = "; ".join([f"{n}: not verified" for n in missing] +
                                        [f"{n}: {', '.join(entry['verify'][n].get('failures') or ['failed'])}"
                                         for n in failed])
-    except Exception as exc:  # one winner failing must not stop the others
+    except EXPECTED_FAILURES as exc:  # one winner failing must not stop the others; bugs still raise
         entry["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     entry["passed"] = entry["error"] is None
     return entry
@@ -96,6 +100,6 @@ def bench_export(out: Path, settings: BenchConfig) -> dict:
         else:
             bench(out, threads=settings.threads, iterations=settings.iterations, warmup=settings.warmup)
         entry["formats"] = rundir.read_json(path)["formats"]
-    except Exception as exc:
+    except EXPECTED_FAILURES as exc:
         entry["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     return entry
