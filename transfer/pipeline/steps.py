@@ -41,26 +41,11 @@ def export_settings(step: ExportStepConfig, formats: str | None = None, quantize
             "wanted": [r.name for r in rows]}
 
 
-def export_is_current(out: Path, run_dir: Path, run_manifest: dict, wanted: list[str]) -> bool:
-    """The export dir was made from this very run (path and whole manifest) and every wanted format verified."""
-    from export.exporter import VERIFY
-
-    if not (out / rundir.MANIFEST).is_file() or not (out / VERIFY).is_file():
-        return False
-    manifest = rundir.read_json(out / rundir.MANIFEST)
-    export = manifest.get("export") or {}
-    if Path(export.get("source_run", "")) != run_dir.resolve():
-        return False
-    if {k: v for k, v in manifest.items() if k != "export"} != run_manifest:
-        return False
-    verified = rundir.read_json(out / VERIFY).get("formats", {})
-    return all(export.get("formats", {}).get(n, {}).get("status") == "verified" and verified.get(n, {}).get("passed")
-               for n in wanted)
-
-
 def export_winner(run_dir: Path, settings: dict) -> dict:
-    """Export + verify one winner (or keep a current export); never raises: errors are recorded."""
-    from export.exporter import VERIFY, ExportConfig, default_out, run_export
+    """Export + verify one winner (or keep a current export, see export.contract.export_is_current); expected
+    failures are recorded, not raised."""
+    from export.contract import export_is_current, read_reports
+    from export.exporter import ExportConfig, default_out, run_export
 
     entry: dict = {"dir": None, "skipped": False, "error": None}
     try:
@@ -73,7 +58,7 @@ def export_winner(run_dir: Path, settings: dict) -> dict:
         else:
             run_export(ExportConfig(run_dir=str(run_dir), formats=settings["formats"], quantize=settings["quantize"],
                                     options=settings["options"], given_options=settings["given_options"]))
-        verify = rundir.read_json(out / VERIFY)["formats"] if (out / VERIFY).is_file() else {}
+        verify = read_reports(out) or {}
         entry["verify"] = {n: verify[n] for n in settings["wanted"] if n in verify}
         missing = [n for n in settings["wanted"] if n not in verify]
         failed = [n for n, r in entry["verify"].items() if not r.get("passed")]
@@ -88,12 +73,13 @@ def export_winner(run_dir: Path, settings: dict) -> dict:
 
 
 def bench_export(out: Path, settings: BenchConfig) -> dict:
-    """Benchmark an export dir unless its bench.json is newer than its manifest; never raises."""
-    from export.bench import BENCH, bench
+    """Benchmark an export dir unless its bench.json is newer than its manifest; expected failures are recorded."""
+    from export.bench import bench
+    from export.contract import BENCH, MANIFEST
 
     entry: dict = {"skipped": False, "error": None}
     try:
-        path, manifest = out / BENCH, out / rundir.MANIFEST
+        path, manifest = out / BENCH, out / MANIFEST
         if path.is_file() and path.stat().st_mtime > manifest.stat().st_mtime:
             entry["skipped"] = True
             print(f"bench: {path} is newer than the export; kept", flush=True)
