@@ -11,7 +11,7 @@ import numpy as np
 from export.contract import BENCH, FAILED_EXPORT, FILE_KEY, SIZE_KEY, STATUS_KEY, ExportDir
 from export.formats import FORMATS
 from transfer import rundir
-from transfer.errors import UserError
+from transfer.config import BenchConfig
 
 BATCH_SIZES = (1, 32)
 
@@ -48,11 +48,11 @@ def latency(predict: Callable, batch: np.ndarray, iterations: int, warmup: int) 
             "throughput_ips": len(batch) / (p50 / 1000) if p50 else None, "iterations": iterations}
 
 
-def bench(export_dir: Path, threads: int = 1, iterations: int = 50, warmup: int = 5) -> dict:
+def bench(export_dir: Path, settings: BenchConfig | None = None) -> dict:
     """Benchmark every format recorded in ``export_dir``; writes and returns ``bench.json``'s content."""
+    settings = settings or BenchConfig()
+    threads, iterations, warmup = settings.threads, settings.iterations, settings.warmup
     export = ExportDir.open(export_dir, check_name=False)
-    if threads <= 0 or iterations <= 0 or warmup < 0:
-        raise UserError("--threads and --iterations must be > 0 and --warmup >= 0")
     tf_threads = set_tf_threads(threads)
     verification = export.verification()
     shape = list(export.input_shape)

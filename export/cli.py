@@ -7,6 +7,8 @@ from pathlib import Path
 
 from export.contract import BENCH, FAILED_EXPORT, FAILED_VERIFICATION, STATUS_KEY, VERIFY
 from export.formats import FAMILIES, FORMATS, QUANTIZE_CHOICES, ExportOptions
+from transfer.config import BenchConfig
+from transfer.options import add_config_args, build, cli_fields, flag_of, given
 
 
 def register(subparsers) -> None:
@@ -18,10 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--quantize", help=f"tflite variants besides float32: {','.join(QUANTIZE_CHOICES)} "
                    "(default: all when --formats is not given)")
     p.add_argument("--out", help="export directory (default: <artifacts>/exports/<run name>)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default 15)")
-    p.add_argument("--calibration-samples", type=int,
-                   help="int8: training images for calibration (default 200)")
-    p.add_argument("--int8-io", action="store_true", help="int8: integer input and output tensors")
+    add_config_args(p, ExportOptions, unset=True)  # unset: a format option given for no chosen format is refused
     p.add_argument("--no-verify", action="store_true", help="skip parity verification")
     p.add_argument("--verify-samples", type=int, help="verify on the first N test images (default: all)")
     p.set_defaults(func=cmd_export)
@@ -33,9 +32,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("bench", help="latency, throughput and size of every artifact in an export directory")
     p.add_argument("export_dir")
-    p.add_argument("--threads", type=int, default=1, help="threads every runtime uses (default 1)")
-    p.add_argument("--iterations", type=int, default=50, help="timed runs at batch 1 (a quarter at batch 32)")
-    p.add_argument("--warmup", type=int, default=5)
+    add_config_args(p, BenchConfig)
     p.add_argument("--json", action="store_true", help=f"print {BENCH} instead of the table")
     p.set_defaults(func=cmd_bench)
 
@@ -57,17 +54,11 @@ def cmd_export(args) -> int:
     from export.exporter import ExportConfig, run_export
     from export.verify import format_table
 
-    given = {}
-    if args.opset is not None:
-        given["opset"] = "--opset"
-    if args.int8_io:
-        given["int8_io"] = "--int8-io"
-    if args.calibration_samples is not None:
-        given["calibration_samples"] = "--calibration-samples"
-    options = ExportOptions(opset=args.opset, int8_io=args.int8_io,
-                            calibration_samples=200 if args.calibration_samples is None else args.calibration_samples)
+    values = given(args, ExportOptions)
+    options = build(ExportOptions, values, "the export options")
+    flags = {f.name: flag_of(f) for f in cli_fields(ExportOptions)}
     cfg = ExportConfig(run_dir=args.run_dir, formats=args.formats, quantize=args.quantize, out=args.out,
-                       options=options, given_options=given, verify=not args.no_verify,
+                       options=options, given_options={k: flags[k] for k in values}, verify=not args.no_verify,
                        verify_samples=args.verify_samples)
     result = run_export(cfg)
     if result.reports:
@@ -90,7 +81,8 @@ def cmd_bench(args) -> int:
 
     from export.bench import bench, format_table
 
-    report = bench(Path(args.export_dir), threads=args.threads, iterations=args.iterations, warmup=args.warmup)
+    settings = build(BenchConfig, given(args, BenchConfig), "the bench options")
+    report = bench(Path(args.export_dir), settings)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     print(f"wrote {Path(args.export_dir) / BENCH}", file=sys.stderr)
     return 0

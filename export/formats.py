@@ -22,6 +22,7 @@ import numpy as np
 
 from export.contract import FAILED_EXPORT, LABELS, STATUS_KEY, ExportDir
 from export.runtimes import LITERT, ONNXRUNTIME, TENSORFLOW, Predictor, Runtime, int8_boundaries
+from transfer.config import option
 from transfer.errors import UserError, unknown
 
 DEFAULT_OPSET = 15
@@ -47,11 +48,12 @@ QUANTIZED = Thresholds(max_accuracy_drop=0.01)
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """Per-export settings the CLI maps flags onto; each format reads only the ones it accepts."""
+    """Per-export settings (the one home of their defaults; ``transfer export`` builds its flags from these fields);
+    each format reads only the ones it accepts (``Format.options``)."""
 
-    opset: int | None = None
-    calibration_samples: int = 200
-    int8_io: bool = False
+    opset: int | None = option(None, "ONNX opset (7..18)", default_text=str(DEFAULT_OPSET))
+    calibration_samples: int = option(200, "int8: training images for calibration")
+    int8_io: bool = option(False, "int8: integer input and output tensors")
 
 
 @dataclass(frozen=True)
@@ -295,9 +297,9 @@ def select_formats(formats: str | None, quantize: str | None) -> list[Format]:
 
 def check_options(rows: list[Format], given: dict[str, str]) -> None:
     """Refuse an option none of the chosen formats takes; ``given`` maps ExportOptions fields to their flag."""
-    for option, flag in given.items():
-        takers = [r.name for r in _ROWS if option in r.options]
-        if not any(option in r.options for r in rows):
+    for name, flag in given.items():
+        takers = [r.name for r in _ROWS if name in r.options]
+        if not any(name in r.options for r in rows):
             raise UserError(f"{flag} applies only to {' or '.join(takers)}, which the chosen formats "
                             f"({', '.join(r.name for r in rows)}) do not include")
 

@@ -168,7 +168,7 @@ def add_config_args(group, cls, *, exclude: tuple[str, ...] = (), unset: bool = 
         kwargs: dict = {"dest": dest_of(f), "help": f"{f.metadata.get('help', '')} (default: {text})",
                         "default": None if unset else f.default}
         if kind is bool and len(_alternatives(hints[f.name])) == 1:
-            kwargs["action"] = "store_true" if f.default is False and not unset else argparse.BooleanOptionalAction
+            kwargs["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
         elif kind is bool:
             kwargs.update(type=_on_off, metavar="on|off")
         elif typing.get_origin(kind) in (list, tuple):

@@ -84,7 +84,7 @@ def bench_export(out: Path, settings: BenchConfig) -> dict:
             entry["skipped"] = True
             print(f"bench: {path} is newer than the export; kept", flush=True)
         else:
-            bench(out, threads=settings.threads, iterations=settings.iterations, warmup=settings.warmup)
+            bench(out, settings)
         entry["formats"] = rundir.read_json(path)["formats"]
     except EXPECTED_FAILURES as exc:
         entry["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
