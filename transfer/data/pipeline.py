@@ -1,0 +1,69 @@
+"""tf.data pipelines and augmentation: the one module of transfer.data that imports TensorFlow."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from transfer.config import AugmentConfig
+from transfer.data.splits import Split
+from transfer.errors import UserError
+
+# One row per op, in the order they are applied: (option, layer factory taking the value and a seed).
+_AUG_LAYERS: tuple[tuple[str, Callable[[float, int], keras.layers.Layer]], ...] = (
+    ("flip", lambda value, seed: keras.layers.RandomFlip("horizontal", seed=seed)),
+    ("rotation", lambda value, seed: keras.layers.RandomRotation(value, seed=seed)),
+    ("zoom", lambda value, seed: keras.layers.RandomZoom(value, seed=seed)),
+    ("shift", lambda value, seed: keras.layers.RandomTranslation(value, value, seed=seed)),
+    ("contrast", lambda value, seed: keras.layers.RandomContrast(value, seed=seed)),
+    ("brightness", lambda value, seed: keras.layers.RandomBrightness(value, value_range=(0, 255), seed=seed)),
+)
+
+
+class _ClipPixels(keras.layers.Layer):
+    """Clips pixel values into [0, 255] after augmentation."""
+
+    def call(self, inputs):
+        """Return ``inputs`` clipped to [0, 255]."""
+        return keras.ops.clip(inputs, 0.0, 255.0)
+
+
+def build_augmenter(aug: AugmentConfig, seed: int = 0) -> keras.Sequential | None:
+    """Keras preprocessing layers for float 0..255 NHWC batches, clipped to [0, 255]; None when no op is on."""
+    ops = aug.resolved()
+    layers = [make(ops[name], seed + i) for i, (name, make) in enumerate(_AUG_LAYERS) if ops[name]]
+    if not layers:
+        return None
+    return keras.Sequential([*layers, _ClipPixels()], name="augment")
+
+
+def make_pipeline(
+    split: Split,
+    *,
+    batch_size: int,
+    training: bool,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+    shuffle: bool | None = None,
+) -> tf.data.Dataset:
+    """A tf.data pipeline of (float32 0..255 NHWC images, int64 labels) batches; the last batch is kept.
+
+    Training: cache, seeded shuffle reshuffled every epoch, batch, augment, prefetch. Evaluation: cache, batch,
+    prefetch, in order and unaugmented. ``shuffle`` overrides the default (on for training only).
+    """
+    if batch_size <= 0:
+        raise UserError(f"batch_size={batch_size} must be > 0")
+    augmenter = build_augmenter(augment, seed) if training and augment is not None else None
+    shuffled = training if shuffle is None else shuffle
+    ds = tf.data.Dataset.from_tensor_slices((split.x, split.y.astype(np.int64))).cache()
+    if shuffled:
+        ds = ds.shuffle(max(len(split), 1), seed=seed, reshuffle_each_iteration=True)
+
+    def to_float(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x = tf.cast(x, tf.float32)  # after batching: the cache and shuffle buffer hold uint8
+        return (x if augmenter is None else augmenter(x, training=True)), y
+
+    return ds.batch(batch_size).map(to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
