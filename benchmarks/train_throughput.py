@@ -50,9 +50,9 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from transfer.config import TrainConfig
-    from transfer.data import AugmentConfig, DataConfig, load_dataset
-    from transfer.freezing import parse_unfreeze, set_trainable
+    from transfer.config import AugmentConfig, DataConfig, TrainConfig
+    from transfer.data import load_dataset
+    from transfer.freezing import parse_unfreeze
     from transfer.heads import parse_head
     from transfer.model import build_model
     from transfer.runner import training_pipelines
@@ -66,7 +66,7 @@ def main() -> None:
         for unfreeze in ("0", "all"):
             built = build_model(args.backbone, input_shape=dataset.native_shape, num_classes=len(dataset.classes),
                                 head=parse_head("default"), image_size=size, weights="none")
-            set_trainable(built.backbone, parse_unfreeze(unfreeze))
+            built.set_trainable(parse_unfreeze(unfreeze))
             compile_model(built.model, train_cfg, 1e-3, steps, len(dataset.classes))
             pipeline, _, _ = training_pipelines(dataset, AugmentConfig(preset=args.augment), train_cfg)
             pipeline = pipeline.repeat()

@@ -10,6 +10,8 @@ import gzip
 import io
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfer.data import DataConfig, Dataset, load_dataset
+from transfer.config import DataConfig
+from transfer.data import Dataset, load_dataset
 
 
 @dataclass
@@ -185,3 +188,33 @@ def image_folder(tmp_path: Path) -> Path:
 def tiny_synthetic() -> Dataset:
     """A small synthetic dataset (160 train, 40 val, 100 test), shared by the session: do not modify it."""
     return load_dataset(DataConfig(dataset="synthetic", synthetic_train=200, synthetic_test=100, val_split=0.2))
+
+
+_PLAIN_KERAS = """
+import sys
+import keras
+import numpy as np
+model = keras.saving.load_model(sys.argv[1])
+np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0))
+project = sorted(m for m in sys.modules if m.split(".")[0] in ("transfer", "export", "serve"))
+assert not project, f"the project was imported: {project}"
+"""
+
+
+def predict_with_plain_keras(model_path: Path, x: np.ndarray, work: Path) -> np.ndarray:
+    """Predictions of ``model_path`` loaded by ``keras.saving.load_model`` in a fresh Python that imports only Keras
+    and NumPy (never this project), run from an empty directory."""
+    work.mkdir(parents=True, exist_ok=True)
+    np.save(work / "x.npy", x)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run([sys.executable, "-c", _PLAIN_KERAS, str(Path(model_path).resolve()), "x.npy", "p.npy"],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.load(work / "p.npy")
+
+
+@pytest.fixture
+def plain_keras_predict():
+    """``plain_keras_predict(model_path, x, work_dir)``: see :func:`predict_with_plain_keras`."""
+    return predict_with_plain_keras

@@ -1,4 +1,17 @@
-"""Backbone registry: Keras Applications and TF Hub feature-vector models, looked up by name."""
+"""Backbone registry: Keras Applications and TF Hub feature-vector models, objects that build and unfreeze themselves.
+
+Every backbone kind answers the same questions, so nothing else branches on the kind:
+
+- ``resolve_size(requested)``: the image size it sees (its default, checked against its minimum), the one place that
+  decides it; ``check_weights(weights)`` and ``check_unfreeze(unfreeze)``: cheap checks before any TensorFlow work
+- ``build(size, weights)``: the Keras layer; ``pretrained(weights)``: whether its BatchNorm statistics must stay put
+- ``resolve_unfreeze(layer, unfreeze)``: the ``--unfreeze`` value as this backbone honours it (``blocks:N`` as a layer
+  count); ``set_trainable(layer, unfreeze, freeze_bn)``: apply it, returning the trainable weight-bearing layers
+- ``weights_cached(size)``: whether ImageNet weights are already on disk (None where that does not apply)
+
+A new kind is one class with these methods and one row of :data:`KINDS`. Nothing here imports TensorFlow or Keras at
+import time; ``build`` and ``set_trainable`` import them when called.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +21,60 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transfer.errors import UserError, unknown
+from transfer.freezing import Unfreeze, resolve_layer_count, set_layers_trainable
 
 HUB_PREFIX = "hub:"
+HUB_LAYER = "hub_backbone"  # the Hub layer's name inside a model
+SCRATCH_BN_MOMENTUM = 0.5
+
+# Per-channel affine maps from raw 0..255 RGB to what each backbone family was trained on.
+# Every mode is ``x[..., order] * scale + offset``; transfer.layers.preprocessing_layer builds it from Keras' own
+# layers. mode: (reverse channels to BGR, scale per channel, offset per channel, description)
+_IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+PREPROCESSING = {
+    "caffe": (True, (1.0, 1.0, 1.0), tuple(-m for m in _IMAGENET_BGR_MEAN),
+              "RGB->BGR, minus ImageNet mean (VGG/ResNet)"),
+    "tf": (False, (1 / 127.5,) * 3, (-1.0,) * 3, "scale to [-1, 1]"),
+    "torch": (False, tuple(1 / (255 * s) for s in _TORCH_STD),
+              tuple(-m / s for m, s in zip(_TORCH_MEAN, _TORCH_STD, strict=True)),
+              "scale to [0, 1], ImageNet mean/std"),
+    "unit": (False, (1 / 255,) * 3, (0.0,) * 3, "scale to [0, 1]"),
+    "none": (False, (1.0,) * 3, (0.0,) * 3, "raw 0..255 (backbone scales internally)"),
+}
+
+
+def keras_home() -> Path:
+    """Where Keras caches downloads (``KERAS_HOME`` or ``~/.keras``)."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+
+
+class _Sized:
+    """The image-size rule every kind shares: the default when none is asked for, never below the minimum."""
+
+    name: str
+    default_size: int
+    min_size: int
+
+    def resolve_size(self, requested: int | None) -> int:
+        """The size this backbone sees: ``requested``, or its default when None; refuses one below its minimum."""
+        size = self.default_size if requested is None else int(requested)
+        if size < self.min_size:
+            raise UserError(
+                f"--image-size {size} is below {self.name}'s minimum of {self.min_size}; "
+                f"use --image-size {self.min_size} or more (default {self.default_size})"
+            )
+        return size
 
 
 @dataclass(frozen=True)
-class Backbone:
-    """One row of the registry: how to build a backbone and what it expects.
+class Backbone(_Sized):
+    """A Keras Applications model: one registry row.
 
-    ``preprocessing`` names the in-graph scaling applied to raw 0..255 RGB pixels before the
-    backbone (see :class:`transfer.layers.Preprocess`); ``block_pattern`` is a regex whose first
-    group names the block a layer belongs to; ``weights_file`` is the name Keras caches the
-    ImageNet no-top weights under (``{size}`` is replaced for size-dependent files).
+    ``preprocessing`` names the in-graph scaling of raw 0..255 RGB pixels (a key of :data:`PREPROCESSING`);
+    ``block_pattern`` is a regex whose first group names the block a layer belongs to; ``weights_file`` is the name
+    Keras caches the ImageNet no-top weights under (``{size}`` is replaced for size-dependent files).
     """
 
     name: str
@@ -34,25 +89,84 @@ class Backbone:
     weight_sizes: tuple[int, ...] = ()
     kwargs: dict = field(default_factory=dict)
 
-    @property
-    def is_hub(self) -> bool:
-        return False
-
     def weights_filename(self, size: int) -> str:
         """The Keras cache file name of the ImageNet no-top weights at ``size``."""
         if self.weight_sizes:
             size = size if size in self.weight_sizes else self.default_size
         return self.weights_file.format(size=size)
 
+    def weights_path(self, size: int | None = None) -> Path:
+        """Where Keras looks for (and caches) the ImageNet no-top weights."""
+        return keras_home() / "models" / self.weights_filename(size or self.default_size)
+
+    def weights_cached(self, size: int | None = None) -> bool:
+        return self.weights_path(size).exists()
+
     def block_of(self, layer_name: str) -> str | None:
         """The block a layer belongs to, or None for stem/top layers outside any block."""
         match = re.match(self.block_pattern, layer_name)
         return match.group(1) if match else None
 
+    def check_weights(self, weights: str) -> None:
+        """``imagenet``, ``none`` or an existing weights file."""
+        if weights not in ("imagenet", "none") and not os.path.isfile(weights):
+            raise UserError(f"--weights '{weights}' is not a file; pass imagenet, none or a weights file path")
+
+    def check_unfreeze(self, unfreeze: Unfreeze) -> None:
+        """Every form applies; the layer and block counts are checked against the built layer."""
+
+    def pretrained(self, weights: str) -> bool:
+        return weights != "none"
+
+    def build(self, size: int, weights: str):
+        """The Keras Applications model without its top, for ``size`` x ``size`` RGB input.
+
+        A backbone trained from scratch gets a fast BatchNorm momentum (see :func:`_speed_up_batchnorm`).
+        """
+        import keras
+
+        self.check_weights(weights)
+        constructor = getattr(keras.applications, self.constructor)
+        weights_arg = {"none": None, "imagenet": "imagenet"}.get(weights, weights)
+        try:
+            layer = constructor(include_top=False, weights=weights_arg, input_shape=(size, size, 3), **self.kwargs)
+        except ValueError as exc:
+            if weights_arg not in (None, "imagenet"):
+                raise UserError(
+                    f"--weights '{weights}' does not fit {self.name} (include_top=False): "
+                    f"{str(exc).splitlines()[0][:160]}"
+                ) from exc
+            raise
+        except Exception as exc:
+            # keras.utils.get_file raises a bare Exception("URL fetch failure on ...") when offline.
+            if weights_arg == "imagenet" and "fetch failure" in str(exc):
+                raise UserError(
+                    f"cannot download ImageNet weights for {self.name} (offline?); place "
+                    f"{self.weights_filename(size)} at {self.weights_path(size)}, or pass "
+                    "--weights PATH (a weights file) or --weights none"
+                ) from exc
+            raise
+        if not self.pretrained(weights):
+            _speed_up_batchnorm(layer)
+        return layer
+
+    def resolve_unfreeze(self, layer, unfreeze: Unfreeze) -> Unfreeze:
+        """``unfreeze`` checked against the layer's depth, ``blocks:N`` turned into the layer count it covers."""
+        return resolve_layer_count(layer, unfreeze, self.name, self.block_of)
+
+    def set_trainable(self, layer, unfreeze: Unfreeze, freeze_bn: bool = True) -> list[str]:
+        """The top ``unfreeze`` layers train (BatchNorm only when ``freeze_bn`` is off); see
+        :func:`transfer.freezing.set_layers_trainable`."""
+        return set_layers_trainable(layer, unfreeze, freeze_bn)
+
 
 @dataclass(frozen=True)
-class HubBackbone:
-    """A TF Hub image feature-vector model: URL, Kaggle handle or local SavedModel directory."""
+class HubBackbone(_Sized):
+    """A TF Hub image feature-vector model: URL, Kaggle handle or local SavedModel directory.
+
+    Its weights live in the module (always pretrained); it trains whole or not at all (``--unfreeze 0`` or
+    ``all``). Models that contain one need ``import transfer.layers`` before ``keras.saving.load_model``.
+    """
 
     handle: str
     default_size: int = 224
@@ -64,12 +178,74 @@ class HubBackbone:
     def name(self) -> str:
         return HUB_PREFIX + self.handle
 
-    @property
-    def is_hub(self) -> bool:
-        return True
+    def weights_cached(self, size: int | None = None) -> None:
+        return None  # hub modules are cached by tensorflow_hub, per handle
 
     def block_of(self, layer_name: str) -> str | None:
         return None
+
+    def check_weights(self, weights: str) -> None:
+        if weights not in ("imagenet", "none"):
+            raise UserError(f"--weights '{weights}' does not apply to hub backbones: their weights live in the module")
+
+    def check_unfreeze(self, unfreeze: Unfreeze) -> None:
+        if unfreeze.count not in (0, None) or unfreeze.blocks is not None:
+            raise UserError(f"--unfreeze {unfreeze.text} on hub backbone '{self.name}': hub modules take 0 or all")
+
+    def pretrained(self, weights: str) -> bool:
+        return True
+
+    def build(self, size: int, weights: str):
+        """The module as a :class:`transfer.layers.HubFeatureExtractor`, probed with one ``size`` x ``size`` image."""
+        import numpy as np
+
+        from transfer.layers import HubFeatureExtractor
+
+        self.check_weights(weights)
+        layer = HubFeatureExtractor(self.handle, name=HUB_LAYER)
+        try:
+            probe = layer(np.zeros((1, size, size, 3), dtype="float32"))
+        except (ValueError, TypeError) as exc:
+            raise UserError(
+                f"hub model '{self.handle}' does not take {size}x{size} RGB images; pass the size it expects "
+                f"with --image-size ({str(exc).splitlines()[0][:120]})"
+            ) from exc
+        if len(probe.shape) != 2:
+            raise UserError(
+                f"hub model '{self.handle}' returns shape {tuple(probe.shape)}; need an image feature-vector "
+                "model returning (batch, features)"
+            )
+        layer.output_dim = int(probe.shape[-1])
+        return layer
+
+    def resolve_unfreeze(self, layer, unfreeze: Unfreeze) -> Unfreeze:
+        self.check_unfreeze(unfreeze)
+        return unfreeze
+
+    def set_trainable(self, layer, unfreeze: Unfreeze, freeze_bn: bool = True) -> list[str]:
+        """The whole module trains or none of it (its BatchNorm statistics never move: it runs in inference mode)."""
+        layer.trainable = not unfreeze.frozen_backbone
+        return [] if unfreeze.frozen_backbone else [layer.name]
+
+    @classmethod
+    def from_handle(cls, handle: str) -> HubBackbone:
+        if not handle:
+            raise UserError("empty hub handle; use hub:<url | Kaggle handle | SavedModel dir>")
+        return cls(handle=handle)
+
+
+def _speed_up_batchnorm(layer) -> None:
+    """Let BatchNorm statistics of a from-scratch backbone settle within a few dozen steps.
+
+    Keras Applications use momentum 0.99-0.999, tuned for ImageNet-length training; with it the moving
+    statistics of a randomly initialised backbone lag so far behind that validation accuracy sits at
+    chance for many epochs.
+    """
+    import keras
+
+    for sub in layer.layers:
+        if isinstance(sub, keras.layers.BatchNormalization):
+            sub.momentum = SCRATCH_BN_MOMENTUM
 
 
 _VGG = r"^(block\d+)_"
@@ -121,46 +297,26 @@ BACKBONES: dict[str, Backbone] = {
     )
 }
 
-
-def backbone_names() -> list[str]:
-    """Registered backbone names, plus the ``hub:`` form."""
-    return sorted(BACKBONES)
+# Backbone kinds named by a prefix: (prefix, how `transfer backbones` shows it, factory taking the rest of the name).
+KINDS = ((HUB_PREFIX, "hub:<handle>", HubBackbone.from_handle),)
 
 
 def get_backbone(name: str) -> Backbone | HubBackbone:
     """Look a backbone up by name; ``hub:HANDLE`` gives a TF Hub backbone."""
-    if name.startswith(HUB_PREFIX):
-        handle = name[len(HUB_PREFIX):]
-        if not handle:
-            raise UserError("empty hub handle; use hub:<url | Kaggle handle | SavedModel dir>")
-        return HubBackbone(handle=handle)
+    for prefix, _, make in KINDS:
+        if name.startswith(prefix):
+            return make(name[len(prefix):])
     key = name.lower()
     if key not in BACKBONES:
-        raise unknown("backbone", name, [*BACKBONES, "hub:<handle>"])
+        raise unknown("backbone", name, [*BACKBONES, *(shown for _, shown, _ in KINDS)])
     return BACKBONES[key]
-
-
-def keras_home() -> Path:
-    """Where Keras caches downloads (``KERAS_HOME`` or ``~/.keras``)."""
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
 
 
 def cached_weights_path(backbone: Backbone, size: int | None = None) -> Path:
     """Where Keras looks for (and caches) the ImageNet no-top weights of ``backbone``."""
-    return keras_home() / "models" / backbone.weights_filename(size or backbone.default_size)
+    return backbone.weights_path(size)
 
 
 def weights_cached(backbone: Backbone | HubBackbone, size: int | None = None) -> bool | None:
     """Whether ImageNet weights are already cached (None: not applicable, e.g. Hub)."""
-    if backbone.is_hub:
-        return None
-    return cached_weights_path(backbone, size).exists()
-
-
-def check_image_size(backbone: Backbone | HubBackbone, size: int) -> None:
-    """Refuse an input size the backbone cannot take."""
-    if size < backbone.min_size:
-        raise UserError(
-            f"--image-size {size} is below {backbone.name}'s minimum of {backbone.min_size}; "
-            f"use --image-size {backbone.min_size} or more (default {backbone.default_size})"
-        )
+    return backbone.weights_cached(size)

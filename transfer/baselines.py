@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from transfer.data import AugmentConfig
+from transfer.config import AugmentConfig
 from transfer.errors import UserError, unknown
 
 L2_SEEDS = 0.001  # the seeds' weight regularisation: L2(0.001) on every hidden conv and dense kernel
@@ -267,16 +267,17 @@ def check_input(baseline: Baseline, shape: tuple[int, int, int]) -> None:
 
 
 def build_baseline(name: str, input_shape: tuple[int, int, int] = (32, 32, 3), num_classes: int = 10):
-    """The Keras model of baseline ``name``: raw 0..255 RGB in, scaled to [0, 1] in-graph, softmax out."""
+    """The Keras model of baseline ``name``: raw 0..255 RGB in, scaled to [0, 1] in-graph, softmax out; built-in
+    Keras layers only, so ``keras.saving.load_model`` needs nothing from this project."""
     import keras
 
-    from transfer.layers import Preprocess
+    from transfer.layers import preprocessing_layer
 
     baseline = get_baseline(name)
     check_input(baseline, tuple(input_shape))
     reg = (lambda: keras.regularizers.L2(baseline.l2)) if baseline.l2 else (lambda: None)
     x = inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = Preprocess("unit", name="preprocess")(x)
+    x = preprocessing_layer("unit")(x)
     for op in baseline.layers:
         if op.kind == "conv":
             x = keras.layers.Conv2D(int(op.size), op.kernel, padding=op.padding, activation=op.activation,
@@ -323,7 +324,7 @@ class BaselineConfig:
 
 
 def baseline_recipe(cfg: BaselineConfig, dataset: str, seed: int = 0):
-    """Validate a baseline config cheaply (no TensorFlow yet) and return its ``runner.ModelRecipe``."""
+    """Validate a baseline config cheaply (no TensorFlow yet) and return its ``recipes.ModelRecipe``."""
     from transfer.freezing import Unfreeze
     from transfer.recipes import BuiltRun, ModelRecipe, default_run_name
 
@@ -349,10 +350,10 @@ def baseline_recipe(cfg: BaselineConfig, dataset: str, seed: int = 0):
             "l2": row.l2,
             "published_params": row.published_params,
         }
-        return BuiltRun(model, None, described, hub=False, pretrained=False)
+        return BuiltRun(model, described, unfreeze=Unfreeze(None, "all"), set_trainable=None)  # no backbone
 
     name = default_run_name(row.name, dataset, seed, *([cfg.protocol] if cfg.protocol != "seeds" else []))
-    return ModelRecipe("baseline", build, name, Unfreeze(None, "all"), cfg)
+    return ModelRecipe("baseline", build, name, cfg)
 
 
 def table_rows(input_shape: tuple[int, int, int] = (32, 32, 3)) -> list[dict]:

@@ -8,6 +8,9 @@ N blocks and every layer above them train, so the same value means the same thin
 family. BatchNormalization layers of a pretrained backbone stay frozen everywhere, and the backbone is called with
 ``training=False``, so their statistics never move. A backbone trained from scratch (``--weights none``) trains its
 BatchNorm layers too.
+
+Each backbone kind applies these its own way (``resolve_unfreeze``/``set_trainable`` in :mod:`transfer.backbones`):
+Keras Applications models through the layer functions here, Hub modules whole or not at all.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ BLOCKS_PREFIX = "blocks:"
 @dataclass(frozen=True)
 class Unfreeze:
     """A parsed ``--unfreeze`` value: ``count`` layers from the top, every layer (``all``), or the last ``blocks``
-    blocks (``blocks:N``, turned into a layer count for a given backbone by :func:`validate_unfreeze`)."""
+    blocks (``blocks:N``, turned into a layer count for a given backbone by :func:`resolve_layer_count`)."""
 
     count: int | None  # None means all, unless blocks is set and not yet resolved
     text: str
@@ -66,16 +69,10 @@ def is_batchnorm(layer) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
-def validate_unfreeze(backbone, unfreeze: Unfreeze, name: str, hub: bool = False,
-                     block_of: Callable[[str], str | None] | None = None) -> Unfreeze:
-    """Refuse an unfreeze value the backbone cannot honour, before anything is written; return it with
+def resolve_layer_count(backbone, unfreeze: Unfreeze, name: str,
+                        block_of: Callable[[str], str | None] | None = None) -> Unfreeze:
+    """Refuse an unfreeze value a layered backbone cannot honour, before anything is written; return it with
     ``blocks:N`` resolved to the number of layers it covers on this backbone (``block_of`` names a layer's block)."""
-    if hub:
-        if unfreeze.count not in (0, None) or unfreeze.blocks is not None:
-            raise UserError(
-                f"--unfreeze {unfreeze.text} on hub backbone '{name}': hub modules take 0 or all"
-            )
-        return unfreeze
     layers = backbone_layers(backbone)
     total = len(layers)
     if unfreeze.blocks is not None:
@@ -111,9 +108,9 @@ def _resolve_blocks(layers: list, unfreeze: Unfreeze, name: str, block_of) -> Un
     return Unfreeze(len(layers) - start, unfreeze.text, n)
 
 
-def set_trainable(backbone, unfreeze: Unfreeze, hub: bool = False, freeze_bn: bool = True) -> list[str]:
-    """Make the top layers of ``backbone`` trainable (BatchNorm excluded unless ``freeze_bn`` is off,
-    as for a backbone trained from scratch); return the names of the trainable weight-bearing layers.
+def set_layers_trainable(backbone, unfreeze: Unfreeze, freeze_bn: bool = True) -> list[str]:
+    """Make the top layers of a layered ``backbone`` trainable (BatchNorm excluded unless ``freeze_bn`` is off, as
+    for a backbone trained from scratch); return the names of the trainable weight-bearing layers.
 
     The caller must recompile the model afterwards for the change to take effect.
     """
@@ -121,8 +118,6 @@ def set_trainable(backbone, unfreeze: Unfreeze, hub: bool = False, freeze_bn: bo
         backbone.trainable = False
         return []
     backbone.trainable = True
-    if hub:
-        return [backbone.name]
     layers = backbone_layers(backbone)
     top = layers if unfreeze.all else layers[len(layers) - unfreeze.count:]
     top_ids = {id(layer) for layer in top}

@@ -1,4 +1,14 @@
-"""Custom Keras layers that keep the model contract: preprocessing and Hub modules live in-graph."""
+"""In-graph preprocessing from Keras' own layers, and the custom layers that cannot be avoided.
+
+A model built here is self-contained: ``keras.saving.load_model("model.keras")`` works in a Python that never
+imported this project, because preprocessing is made of built-in layers (:func:`preprocessing_layer`). Two custom
+layers remain registered under the ``transfer>`` package:
+
+- :class:`HubFeatureExtractor` wraps a TF Hub module (there is no built-in Keras 3 layer for one): a model with a Hub
+  backbone needs ``import transfer.layers`` before it is loaded.
+- :class:`Preprocess` is kept only so that run directories written before preprocessing moved to built-in layers
+  still load; nothing builds it any more.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +17,42 @@ import re
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import ops
 
+from transfer.backbones import PREPROCESSING  # the table (it used to live here; still importable from here)
 from transfer.errors import UserError
 
-# Per-channel affine maps from raw 0..255 RGB to what each backbone family was trained on.
-# Every mode is ``x[..., order] * scale + offset``, so exporters see only cheap element-wise ops.
-_IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
-_TORCH_MEAN = (0.485, 0.456, 0.406)
-_TORCH_STD = (0.229, 0.224, 0.225)
-PREPROCESSING = {
-    # mode: (reverse channels to BGR, scale per channel, offset per channel, description)
-    "caffe": (True, (1.0, 1.0, 1.0), tuple(-m for m in _IMAGENET_BGR_MEAN),
-              "RGB->BGR, minus ImageNet mean (VGG/ResNet)"),
-    "tf": (False, (1 / 127.5,) * 3, (-1.0,) * 3, "scale to [-1, 1]"),
-    "torch": (False, tuple(1 / (255 * s) for s in _TORCH_STD),
-              tuple(-m / s for m, s in zip(_TORCH_MEAN, _TORCH_STD, strict=True)),
-              "scale to [0, 1], ImageNet mean/std"),
-    "unit": (False, (1 / 255,) * 3, (0.0,) * 3, "scale to [0, 1]"),
-    "none": (False, (1.0,) * 3, (0.0,) * 3, "raw 0..255 (backbone scales internally)"),
-}
+
+def preprocessing_layer(mode: str, name: str = "preprocess") -> keras.layers.Layer:
+    """A built-in Keras layer mapping raw 0..255 RGB pixels to what a backbone expects (``PREPROCESSING[mode]``).
+
+    ``x * scale + offset`` per channel is a ``Rescaling`` layer; the channel flip of ``caffe`` (RGB -> BGR) is a 1x1
+    ``Conv2D`` with the permutation matrix (folded with the scale) as its frozen kernel and the offset as its bias,
+    so it computes exactly ``x[..., ::-1] * scale + offset``. ``none`` is an ``Identity``.
+    """
+    if mode not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing mode {mode!r}")
+    bgr, scale, offset, _ = PREPROCESSING[mode]
+    if bgr:
+        kernel = np.zeros((1, 1, 3, 3), np.float32)
+        for out_channel in range(3):  # output channel k reads input channel 2 - k
+            kernel[0, 0, 2 - out_channel, out_channel] = scale[out_channel]
+        layer = keras.layers.Conv2D(3, 1, name=name, trainable=False, kernel_initializer="zeros")
+        layer.build((None, None, None, 3))
+        layer.set_weights([kernel, np.asarray(offset, np.float32)])
+        return layer
+    if mode == "none":
+        return keras.layers.Identity(name=name)
+    return keras.layers.Rescaling(scale=list(scale), offset=list(offset), name=name)
 
 
 @keras.saving.register_keras_serializable(package="transfer")
 class Preprocess(keras.layers.Layer):
-    """Map raw 0..255 RGB pixels to a backbone's expected input range, inside the graph."""
+    """Legacy: the custom preprocessing layer of older run directories, kept registered only so they still load.
+
+    New models use :func:`preprocessing_layer` (built-in Keras layers, loadable without this project).
+    """
 
     def __init__(self, mode: str = "none", **kwargs):
         super().__init__(**kwargs)
@@ -98,7 +119,8 @@ def load_hub_module(handle: str):
 
 @keras.saving.register_keras_serializable(package="transfer")
 class HubFeatureExtractor(keras.layers.Layer):
-    """A TF Hub image feature-vector SavedModel wrapped as a Keras 3 layer.
+    """A TF Hub image feature-vector SavedModel wrapped as a Keras 3 layer (registered: models holding one need
+    ``import transfer.layers`` before ``keras.saving.load_model``).
 
     ``tensorflow_hub.KerasLayer`` is a tf_keras layer and cannot join a Keras 3 model; this layer
     loads the module with ``hub.load`` and tracks its variables as Keras variables (the same

@@ -1,64 +1,76 @@
-"""Run recipes: what a kind of run (fine-tune, baseline) builds, checked before anything trains."""
+"""Run recipes: what a kind of run (fine-tune, baseline) builds, checked before anything trains.
+
+A recipe is resolved when it is made: its ``model_config`` holds the values the run really uses (an integer image
+size, the canonical ``--unfreeze`` text), and the :class:`BuiltRun` its ``build`` returns carries the one resolved
+:class:`~transfer.freezing.Unfreeze` and the function that applies an unfreeze setting to the model, so training
+needs no knowledge of backbone kinds.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from transfer import rundir
 from transfer.config import ModelConfig
-from transfer.errors import UserError
 
 
 @dataclass
 class BuiltRun:
-    """A recipe's build result: the model, the backbone layer whose layers unfreeze, and facts for the manifest."""
+    """A recipe's build result: the model, how training unfreezes it, and facts for the manifest.
+
+    ``unfreeze`` is always set: the recipe's setting resolved for this model (``blocks:N`` as a layer count;
+    ``all`` for a model without a backbone). ``set_trainable(unfreeze) -> trainable layer names`` applies a
+    phase's setting to the backbone; None means the model has no backbone and every layer trains.
+    """
 
     model: object
-    backbone: object
     described: dict
-    hub: bool = False
-    pretrained: bool = True
-    unfreeze: object = None  # the recipe's Unfreeze resolved for this backbone (blocks:N as layers); None: as is
+    unfreeze: object  # transfer.freezing.Unfreeze
+    set_trainable: Callable | None = None
+
+    # Transitional, for runner.execute's previous call train(model, built.backbone, ..., hub=built.hub,
+    # pretrained=built.pretrained): remove once it passes built.set_trainable (issue 10).
+    @property
+    def backbone(self):
+        return self.set_trainable
+
+    hub = False
+    pretrained = True
 
 
 @dataclass
 class ModelRecipe:
-    """What a kind of run (fine-tune, baseline) contributes: a checked build step and its description."""
+    """What a kind of run (fine-tune, baseline) contributes: a checked build step and its resolved config."""
 
     kind: str
     build: Callable  # (dataset) -> BuiltRun
     default_name: str
-    unfreeze: object  # transfer.freezing.Unfreeze
-    model_config: object
+    model_config: object  # resolved: what the run really uses, as recorded in config.json
 
 
 def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> ModelRecipe:
-    """Validate a fine-tuning model config cheaply (no TensorFlow yet) and return its recipe."""
-    from transfer.backbones import check_image_size, get_backbone
-    from transfer.freezing import parse_unfreeze, validate_unfreeze
+    """Validate a fine-tuning model config cheaply (no TensorFlow yet) and return its resolved recipe."""
+    from transfer.backbones import get_backbone
+    from transfer.freezing import parse_unfreeze
     from transfer.heads import parse_head
 
     spec = get_backbone(model_cfg.backbone)
     head = parse_head(model_cfg.head)
     unfreeze = parse_unfreeze(model_cfg.unfreeze)
-    size = model_cfg.image_size or spec.default_size
-    check_image_size(spec, size)
-    if spec.is_hub:
-        validate_unfreeze(None, unfreeze, spec.name, hub=True)
-    if model_cfg.weights not in ("imagenet", "none") and not spec.is_hub and not os.path.isfile(model_cfg.weights):
-        raise UserError(f"--weights '{model_cfg.weights}' is not a file; pass imagenet, none or a weights file path")
+    size = spec.resolve_size(model_cfg.image_size)
+    spec.check_unfreeze(unfreeze)
+    spec.check_weights(model_cfg.weights)
     model_cfg = dataclasses.replace(model_cfg, image_size=size, head=head.text, unfreeze=unfreeze.text)
 
     def build(dataset):
         from transfer.model import build_model
 
-        built = build_model(model_cfg.backbone, input_shape=dataset.native_shape, num_classes=len(dataset.classes),
-                            head=head, image_size=size, weights=model_cfg.weights)
-        resolved = validate_unfreeze(built.backbone, unfreeze, spec.name, hub=spec.is_hub, block_of=spec.block_of)
+        built = build_model(spec, input_shape=dataset.native_shape, num_classes=len(dataset.classes), head=head,
+                            image_size=size, weights=model_cfg.weights)
+        resolved = spec.resolve_unfreeze(built.backbone, unfreeze)
         described = {
             "backbone": spec.name,
             "batchnorm": "frozen (inference mode)" if built.pretrained else "trainable (from scratch)",
@@ -74,11 +86,10 @@ def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> Mode
         if unfreeze.frozen_backbone and not built.pretrained:
             print("warning: --weights none with --unfreeze 0 trains a head on a random, frozen backbone; "
                   "use --unfreeze all to train it from scratch", file=sys.stderr)
-        return BuiltRun(built.model, built.backbone, described, hub=spec.is_hub, pretrained=built.pretrained,
-                        unfreeze=resolved)
+        return BuiltRun(built.model, described, unfreeze=resolved, set_trainable=built.set_trainable)
 
-    return ModelRecipe("finetune", build, default_run_name(spec.name, dataset, seed, f"{size}px", f"u{unfreeze.text}"),
-                       unfreeze, model_cfg)
+    name = default_run_name(spec.name, dataset, seed, f"{size}px", f"u{unfreeze.text}")
+    return ModelRecipe("finetune", build, name, model_cfg)
 
 
 def default_run_name(model: str, dataset: str, seed: int, *parts: str) -> str:

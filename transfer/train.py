@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from transfer.config import TrainConfig
 from transfer.errors import UserError
-from transfer.freezing import Unfreeze, count_params, set_trainable
+from transfer.freezing import Unfreeze, count_params
 from transfer.rundir import HISTORY, read_json, write_json
 
 STATE = "state.json"
@@ -204,14 +205,14 @@ def read_history(path: Path) -> list[dict]:
     return out
 
 
-def describe_trainable(model, backbone, trainable_layers: list[str], phase: Phase) -> dict:
+def describe_trainable(model, has_backbone: bool, trainable_layers: list[str], phase: Phase) -> dict:
     """Trainable layers and parameter counts after a phase's freezing, printed and returned."""
     trainable = count_params(model.trainable_weights)
     total = count_params(model.weights)
     shown = trainable_layers if len(trainable_layers) <= 8 else [*trainable_layers[:3], "...", *trainable_layers[-3:]]
     print(
         f"phase {phase.name} (epochs {phase.start_epoch + 1}-{phase.end_epoch}, lr {phase.lr:g}, "
-        f"unfreeze {phase.unfreeze.text}): {len(trainable_layers)} {'backbone ' if backbone is not None else ''}"
+        f"unfreeze {phase.unfreeze.text}): {len(trainable_layers)} {'backbone ' if has_backbone else ''}"
         "layers trainable"
         + (f" [{', '.join(shown)}]" if shown else "")
         + f"; trainable params {trainable:,} / {total:,}"
@@ -242,14 +243,16 @@ def _restore_best(model, ckpt_dir: Path, memory: dict) -> None:
         load_weights_npz(model, ckpt_dir / BEST)
 
 
-def train(model, backbone, *, train_ds, val_ds, steps_per_epoch: int, num_classes: int, cfg: TrainConfig,
-          unfreeze: Unfreeze, run_path: Path, hub: bool = False, pretrained: bool = True, strategy=None,
-          writer: bool = True) -> TrainResult:
+def train(model, set_trainable: Callable[[Unfreeze], list[str]] | None, *, train_ds, val_ds, steps_per_epoch: int,
+          num_classes: int, cfg: TrainConfig, unfreeze: Unfreeze, run_path: Path, strategy=None, writer: bool = True,
+          hub=None, pretrained=None) -> TrainResult:
     """Run (or resume) the planned phases; on return ``model`` holds the best weights seen.
 
-    ``backbone`` None means a model without a backbone: one phase in which every layer trains. ``strategy`` is
-    the tf.distribute strategy the model was built under (compiling happens in its scope); only the ``writer``
-    process writes checkpoints and history.
+    ``set_trainable(unfreeze)`` applies a phase's unfreeze setting to the model's backbone and returns the names of
+    its trainable layers (:attr:`transfer.recipes.BuiltRun.set_trainable`); None means a model without a backbone:
+    one phase in which every layer trains. ``strategy`` is the tf.distribute strategy the model was built under
+    (compiling happens in its scope); only the ``writer`` process writes checkpoints and history.
+    ``hub`` and ``pretrained`` are ignored (transitional: runner.execute passed them before issue 10).
     """
     import contextlib
 
@@ -269,23 +272,23 @@ def train(model, backbone, *, train_ds, val_ds, steps_per_epoch: int, num_classe
     if writer:
         _truncate_history(history_path, state["epoch"])
     verbose = 1 if sys.stdout.isatty() else 2
-    phases = plan_phases(cfg, unfreeze, has_backbone=backbone is not None)
+    has_backbone = set_trainable is not None
+    phases = plan_phases(cfg, unfreeze, has_backbone=has_backbone)
     records = []
     memory: dict = {}
     for phase in phases:
         with scope():
-            if backbone is None:  # no backbone: everything trains
-                model.trainable = True
+            if has_backbone:
+                trainable_layers = set_trainable(phase.unfreeze)
+            else:  # no backbone: every layer built trainable trains (fixed preprocessing weights stay fixed)
                 trainable_layers = [layer.name for layer in model.layers if layer.trainable_weights]
-            else:
-                trainable_layers = set_trainable(backbone, phase.unfreeze, hub=hub, freeze_bn=pretrained)
             compile_model(model, cfg, phase.lr, steps_per_epoch * (phase.end_epoch - phase.start_epoch),
                           num_classes)
             if strategy is not None:
                 from transfer.distribute import patch_keras_for_multi_worker
 
                 patch_keras_for_multi_worker(model, strategy)
-            records.append(describe_trainable(model, backbone, trainable_layers, phase))
+            records.append(describe_trainable(model, has_backbone, trainable_layers, phase))
             if state["epoch"] >= phase.end_epoch or (state.get("phase_done") == phase.name):
                 continue
             initial = max(state["epoch"], phase.start_epoch)

@@ -15,7 +15,7 @@ import pytest
 
 from transfer import baselines
 from transfer.baselines import AUG_87, AUG_SEEDS, BASELINES, build_baseline, get_baseline, param_counts
-from transfer.cli import build_parser, main
+from transfer.cli import main
 from transfer.config import TrainConfig
 from transfer.errors import UserError
 from transfer.freezing import Unfreeze, parse_unfreeze
@@ -61,7 +61,9 @@ def test_every_baseline_builds_under_the_model_contract(name):
     for shape in shapes:
         model = build_baseline(name, shape, num_classes=10)
         assert tuple(model.input_shape) == (None, *shape)
-        assert model.layers[1].__class__.__name__ == "Preprocess" and model.layers[1].mode == "unit"
+        preprocess = model.layers[1]  # built-in Keras layers only: model.keras loads without this project
+        assert isinstance(preprocess, keras.layers.Rescaling) and preprocess.scale == [1 / 255] * 3
+        assert {type(layer).__module__.split(".")[0] for layer in model.layers} == {"keras"}
         # Augmentation lives in the tf.data pipeline, never in the saved model (it would break export).
         assert not any(type(layer).__name__.startswith("Random") for layer in model.layers)
         if name in ("vgg1", "lenet5", "mnist-cnn", "fashion-mnist-cnn"):
@@ -91,27 +93,41 @@ def test_no_backbone_means_one_phase_and_finetune_plans_are_unchanged():
     assert [(p.name, p.end_epoch) for p in plan_phases(cfg, parse_unfreeze("0"))] == [("head", 4)]
 
 
-def _resolved(argv):
-    from transfer.baselines_cli import resolve_protocol
+def _resolved(monkeypatch, argv) -> tuple[TrainConfig, object]:
+    """The training and augmentation configs ``transfer baseline ARGV`` would run with (nothing trains)."""
+    seen = {}
+    monkeypatch.setattr("transfer.runner.execute",
+                        lambda recipe, data, augment, train, run: seen.update(train=train, augment=augment))
+    assert main(["baseline", *argv]) == 0
+    return seen["train"], seen["augment"]
 
-    args = build_parser().parse_args(["baseline", *argv])
-    augment = resolve_protocol(args, get_baseline(args.model))
-    return args, augment
 
-
-def test_protocols_fill_only_what_the_user_did_not_give():
-    args, augment = _resolved(["--model", "vgg3"])
-    assert (args.batch_size, args.epochs, args.patience, augment.resolved()["flip"]) == (64, 100, 5, False)
-    args, augment = _resolved(["--model", "vgg3-aug"])
-    assert augment == AUG_SEEDS
-    args, augment = _resolved(["--model", "vgg3", "--protocol", "aug87", "--batch-size", "32", "--shift", "0.05"])
-    assert (args.batch_size, args.optimizer, args.epochs) == (32, "adam", 250)
+def test_protocols_fill_only_what_the_user_did_not_give(monkeypatch):
+    train, augment = _resolved(monkeypatch, ["--model", "vgg3"])
+    assert (train.batch_size, train.epochs, train.patience, augment.resolved()["flip"]) == (64, 100, 5, False)
+    assert train.head_epochs == 0
+    _, augment = _resolved(monkeypatch, ["--model", "vgg3-aug"])
+    assert augment.resolved() == AUG_SEEDS.resolved()
+    train, augment = _resolved(monkeypatch, ["--model", "vgg3", "--protocol", "aug87", "--batch-size", "32",
+                                             "--shift", "0.05"])
+    assert (train.batch_size, train.optimizer, train.epochs) == (32, "adam", 250)
     assert augment.resolved() == {**AUG_87.resolved(), "shift": 0.05}
-    args, augment = _resolved(["--model", "vgg3-aug", "--augment", "none"])
+    _, augment = _resolved(monkeypatch, ["--model", "vgg3-aug", "--augment", "none"])
     assert augment.resolved()["flip"] is False
 
 
-def test_baseline_cli_writes_a_complete_run(tmp_path, capsys):
+def test_baseline_recipe_builds_a_model_without_backbone_that_trains_whole(tiny_synthetic):
+    from transfer.baselines import BaselineConfig, baseline_recipe
+
+    recipe = baseline_recipe(BaselineConfig("lenet5"), "synthetic", seed=3)
+    assert (recipe.kind, recipe.default_name, recipe.model_config) == ("baseline", "lenet5_synthetic_s3",
+                                                                        BaselineConfig("lenet5"))
+    built = recipe.build(tiny_synthetic)
+    assert built.set_trainable is None and built.unfreeze == Unfreeze(None, "all")
+    assert built.described["unfreeze"] == "all" and built.model.output_shape == (None, 10)
+
+
+def test_baseline_cli_writes_a_complete_run(tmp_path, capsys, plain_keras_predict):
     argv = ["baseline", "--model", "vgg3-dropout-bn", *TINY, "--artifacts", str(tmp_path)]
     assert main(argv) == 0
     run = tmp_path / "runs" / "vgg3-dropout-bn_synthetic"
@@ -126,6 +142,9 @@ def test_baseline_cli_writes_a_complete_run(tmp_path, capsys):
     assert manifest["metrics"]["test_accuracy"] == evaluation["accuracy"]
     loaded = keras.models.load_model(run / "model.keras")
     assert loaded.count_params() == 552_874
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    fresh = plain_keras_predict(run / "model.keras", x, tmp_path / "plain")
+    np.testing.assert_array_equal(fresh, loaded.predict(x, verbose=0))
     capsys.readouterr()
     assert main(argv) == 0
     assert "already complete" in capsys.readouterr().out

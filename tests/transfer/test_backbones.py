@@ -9,12 +9,20 @@ import keras
 import numpy as np
 import pytest
 
-from transfer.backbones import BACKBONES, get_backbone
+from transfer.backbones import BACKBONES, PREPROCESSING, HubBackbone, get_backbone
 from transfer.errors import UserError
-from transfer.freezing import backbone_layers, parse_unfreeze, set_trainable, validate_unfreeze
+from transfer.freezing import backbone_layers, parse_unfreeze
 from transfer.heads import parse_head
-from transfer.layers import Preprocess
+from transfer.layers import Preprocess, preprocessing_layer
 from transfer.model import build_model
+
+
+def set_trainable(built, value: str) -> list[str]:
+    return built.set_trainable(parse_unfreeze(value))
+
+
+def resolve(built, value: str):
+    return built.spec.resolve_unfreeze(built.backbone, parse_unfreeze(value))
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -32,8 +40,7 @@ def test_every_registered_backbone_builds_small_with_published_param_count(name)
     assert len(blocks) >= 4, f"{name}: block pattern found only {blocks}"
     # blocks:1 is the top block and what lies above it: some weights, far fewer layers than the backbone has,
     # and the layer counts grow with N.
-    counts = [validate_unfreeze(built.backbone, parse_unfreeze(f"blocks:{n}"), name, block_of=spec.block_of).count
-              for n in (1, 2, len(blocks))]
+    counts = [resolve(built, f"blocks:{n}").count for n in (1, 2, len(blocks))]
     assert 0 < counts[0] < counts[1] < counts[2] <= len(layers) and counts[0] < len(layers) / 2, (name, counts)
     assert any(layer.weights for layer in layers[len(layers) - counts[0]:]), name
 
@@ -44,7 +51,8 @@ def test_model_contract_raw_pixels_at_native_size_resize_inside():
     model = built.model
     assert tuple(model.input.shape) == (None, 28, 28, 3)
     assert model.get_layer("resize").output.shape[1:3] == (48, 48)
-    assert model.get_layer("preprocess").mode == "tf"
+    preprocess = model.get_layer("preprocess")
+    assert isinstance(preprocess, keras.layers.Rescaling) and preprocess.scale == [1 / 127.5] * 3  # "tf" mode
     same = build_model("vgg16", input_shape=(32, 32, 3), num_classes=2, head=parse_head("gap"),
                        image_size=32, weights="none")
     assert "resize" not in [layer.name for layer in same.model.layers]
@@ -60,8 +68,51 @@ def test_model_contract_raw_pixels_at_native_size_resize_inside():
 )
 def test_preprocess_layer_matches_keras_preprocess_input(mode, reference):
     x = np.random.default_rng(0).uniform(0, 255, (2, 5, 5, 3)).astype("float32")
-    ours = np.asarray(Preprocess(mode)(x))
+    ours = np.asarray(preprocessing_layer(mode)(x))
     np.testing.assert_allclose(ours, np.asarray(reference(x.copy())), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", sorted(PREPROCESSING))
+def test_built_in_preprocessing_is_exactly_the_legacy_layer_and_has_nothing_to_train(mode):
+    """Old run directories hold the custom Preprocess layer; new models compute the very same numbers."""
+    x = np.random.default_rng(1).uniform(0, 255, (4, 6, 6, 3)).astype("float32")
+    x[0, 0, 0] = (0.0, 255.0, 127.5)
+    layer = preprocessing_layer(mode)
+    model = keras.Sequential([keras.Input((6, 6, 3)), layer])
+    legacy = np.asarray(Preprocess(mode)(x))
+    np.testing.assert_array_equal(np.asarray(layer(x)), legacy)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), legacy)
+    assert layer.name == "preprocess" and model.trainable_weights == []
+    assert type(layer).__module__.startswith("keras.")  # a built-in layer: no custom object to register
+
+
+def test_old_runs_with_the_custom_preprocess_layer_still_load(tmp_path):
+    old = keras.Sequential([keras.Input((4, 4, 3)), Preprocess("caffe", name="preprocess"), keras.layers.Flatten(),
+                            keras.layers.Dense(2)])
+    old.save(tmp_path / "old.keras")
+    loaded = keras.saving.load_model(tmp_path / "old.keras")  # transfer.layers is imported: Preprocess is registered
+    x = np.random.default_rng(2).uniform(0, 255, (3, 4, 4, 3)).astype("float32")
+    assert type(loaded.get_layer("preprocess")) is Preprocess
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), old.predict(x, verbose=0))
+
+
+def test_finetune_recipe_returns_resolved_values(tmp_path):
+    from transfer.config import ModelConfig
+    from transfer.recipes import finetune_recipe
+
+    recipe = finetune_recipe(ModelConfig(backbone="vgg16", unfreeze=" ALL", head="seeds"), "synthetic", seed=2)
+    assert (recipe.model_config.image_size, recipe.model_config.unfreeze) == (224, "all")
+    assert recipe.model_config.head == "flatten,dense256-bn" and recipe.default_name == "vgg16_synthetic_224px_uall_s2"
+    assert finetune_recipe(ModelConfig(backbone="xception", unfreeze="blocks:02"), "x").model_config.unfreeze == \
+        "blocks:2"
+    hub = tmp_path / "module"
+    hub.mkdir()
+    for cfg, message in ((ModelConfig(backbone=f"hub:{hub}", unfreeze="blocks:1"), "hub modules take 0 or all"),
+                         (ModelConfig(backbone=f"hub:{hub}", weights=str(hub)), "does not apply to hub backbones"),
+                         (ModelConfig(backbone="vgg16", weights=str(hub / "w.h5")), "is not a file"),
+                         (ModelConfig(backbone="vgg16", image_size=16), "below vgg16's minimum of 32")):
+        with pytest.raises(UserError, match=message):  # refused before any data is loaded or model built
+            finetune_recipe(cfg, "synthetic")
 
 
 def test_unknown_backbone_names_closest_match():
@@ -73,6 +124,33 @@ def test_image_size_below_minimum_is_refused():
     with pytest.raises(UserError, match=r"--image-size 50 is below inceptionv3's minimum of 75"):
         build_model("inceptionv3", input_shape=(32, 32, 3), num_classes=2, head=parse_head("gap"),
                     image_size=50, weights="none")
+
+
+def test_every_kind_resolves_its_image_size_in_one_place():
+    assert get_backbone("vgg16").resolve_size(None) == 224 and get_backbone("xception").resolve_size(None) == 299
+    assert get_backbone("efficientnetb1").resolve_size(None) == 240 and get_backbone("vgg16").resolve_size(32) == 32
+    assert get_backbone("hub:some/where").resolve_size(None) == 224 and get_backbone("hub:x").resolve_size(8) == 8
+    with pytest.raises(UserError, match="--image-size 0 is below vgg16's minimum of 32"):
+        get_backbone("vgg16").resolve_size(0)
+    with pytest.raises(UserError, match="--image-size 0 is below hub:x's minimum of 1"):
+        get_backbone("hub:x").resolve_size(0)
+
+
+def test_weights_are_checked_by_the_backbone_kind(tmp_path):
+    vgg, hub = get_backbone("vgg16"), get_backbone("hub:/some/module")
+    assert isinstance(hub, HubBackbone) and hub.pretrained("none") and not vgg.pretrained("none")
+    for weights in ("imagenet", "none"):
+        vgg.check_weights(weights)
+        hub.check_weights(weights)
+    (tmp_path / "w.h5").write_bytes(b"")
+    vgg.check_weights(str(tmp_path / "w.h5"))
+    with pytest.raises(UserError, match="is not a file"):
+        vgg.check_weights(str(tmp_path / "missing.h5"))
+    with pytest.raises(UserError, match="does not apply to hub backbones"):
+        hub.check_weights(str(tmp_path / "w.h5"))
+    assert hub.weights_cached() is None and vgg.weights_cached() in (True, False)
+    with pytest.raises(UserError, match="empty hub handle"):
+        get_backbone("hub:")
 
 
 def test_seeds_head_is_flatten_dense256_bn_relu_softmax():
@@ -94,7 +172,7 @@ def test_malformed_head_is_a_user_error(bad):
 def test_unfreeze_4_on_vgg16_means_the_last_four_layers_as_in_the_seeds():
     built = build_model("vgg16", input_shape=(32, 32, 3), num_classes=10, head=parse_head("seeds"),
                         image_size=32, weights="none")
-    names = set_trainable(built.backbone, parse_unfreeze("4"))
+    names = set_trainable(built, "4")
     assert names == ["block5_conv1", "block5_conv2", "block5_conv3"]
     seeds_way = [layer.name for layer in built.backbone.layers[-4:]]
     assert seeds_way == ["block5_conv1", "block5_conv2", "block5_conv3", "block5_pool"]
@@ -105,16 +183,19 @@ def test_unfreeze_4_on_vgg16_means_the_last_four_layers_as_in_the_seeds():
 def test_unfreeze_keeps_batchnorm_frozen_and_all_unfreezes_the_rest():
     built = build_model("resnet50", input_shape=(32, 32, 3), num_classes=2, head=parse_head("gap"),
                         image_size=32, weights="none")
-    names = set_trainable(built.backbone, parse_unfreeze("4"))
+    built.pretrained = True  # as if ImageNet weights were loaded: BatchNorm stays frozen
+    names = set_trainable(built, "4")
     assert names == ["conv5_block3_3_conv"]
     assert not built.backbone.get_layer("conv5_block3_3_bn").trainable
-    set_trainable(built.backbone, parse_unfreeze("all"))
+    set_trainable(built, "all")
     bn = [layer for layer in backbone_layers(built.backbone) if isinstance(layer, keras.layers.BatchNormalization)]
     assert bn and not any(layer.trainable for layer in bn)
     convs = [layer for layer in backbone_layers(built.backbone) if isinstance(layer, keras.layers.Conv2D)]
     assert all(layer.trainable for layer in convs)
-    set_trainable(built.backbone, parse_unfreeze("0"))
+    set_trainable(built, "0")
     assert built.backbone.trainable_weights == []
+    built.pretrained = False  # a backbone trained from scratch trains its BatchNorm too
+    assert "conv5_block3_3_bn" in set_trainable(built, "4")
 
 
 def _blocks(name: str, value: str) -> tuple[list[str], int]:
@@ -122,8 +203,9 @@ def _blocks(name: str, value: str) -> tuple[list[str], int]:
     size = max(get_backbone(name).min_size, 32)
     built = build_model(name, input_shape=(size, size, 3), num_classes=2, head=parse_head("gap"), image_size=size,
                         weights="none")
-    resolved = validate_unfreeze(built.backbone, parse_unfreeze(value), name, block_of=get_backbone(name).block_of)
-    return set_trainable(built.backbone, resolved), resolved.count
+    built.pretrained = True  # BatchNorm stays frozen, as for ImageNet weights
+    resolved = resolve(built, value)
+    return built.set_trainable(resolved), resolved.count
 
 
 def test_unfreeze_blocks_counts_architectural_blocks():
@@ -144,7 +226,7 @@ def test_unfreeze_blocks_counts_architectural_blocks():
 def test_layer_counts_of_the_reference_config_are_whole_blocks(name, blocks, layers):
     """configs/cifar10.toml unfreezes these layer counts and says which blocks they are."""
     assert _blocks(name, f"blocks:{blocks}")[1] == layers
-    text = (Path(__file__).resolve().parents[1] / "configs" / "cifar10.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "configs" / "cifar10.toml").read_text()
     assert re.search(rf'backbones = \["{name}"\]\n.*\nunfreeze = \[0, {layers}, "all"\] .*\(= blocks:{blocks}\)', text)
 
 
@@ -157,9 +239,15 @@ def test_unfreeze_blocks_out_of_range_or_malformed(value, message):
         _blocks("vgg16", value)
 
 
-def test_unfreeze_blocks_on_a_hub_backbone_is_refused():
+@pytest.mark.parametrize("value", ["blocks:1", "3"])
+def test_partial_unfreeze_of_a_hub_backbone_is_refused(value):
+    hub = get_backbone("hub:x")
     with pytest.raises(UserError, match="hub modules take 0 or all"):
-        validate_unfreeze(None, parse_unfreeze("blocks:1"), "hub:x", hub=True)
+        hub.check_unfreeze(parse_unfreeze(value))
+    with pytest.raises(UserError, match="hub modules take 0 or all"):
+        hub.resolve_unfreeze(None, parse_unfreeze(value))
+    for ok in ("0", "all"):
+        assert hub.resolve_unfreeze(None, parse_unfreeze(ok)) == parse_unfreeze(ok)
 
 
 @pytest.mark.parametrize(("value", "message"), [("-1", "is not 0"), ("two", "is not 0"), ("19", "exceeds vgg16's 18")])
@@ -167,7 +255,7 @@ def test_unfreeze_out_of_range_or_malformed(value, message):
     built = build_model("vgg16", input_shape=(32, 32, 3), num_classes=2, head=parse_head("gap"),
                         image_size=32, weights="none")
     with pytest.raises(UserError, match=message):
-        validate_unfreeze(built.backbone, parse_unfreeze(value), "vgg16")
+        resolve(built, value)
 
 
 def test_weights_file_round_trips_through_weights_path(tmp_path):

@@ -66,8 +66,6 @@ def test_finetune_writes_a_complete_run_and_freezes_exactly_what_it_should(tmp_p
     assert "top5_accuracy" in evaluation and set(evaluation["per_class"]) == set(manifest["classes"])
     assert [row["phase"] for row in _history(run)] == ["fine-tune"]
 
-    import transfer.layers  # noqa: F401
-
     trained = keras.models.load_model(run / "model.keras").get_layer("resnet50")
     original = keras.applications.ResNet50(include_top=False, weights=str(resnet_weights), input_shape=(32, 32, 3))
     changed = set()
@@ -79,11 +77,20 @@ def test_finetune_writes_a_complete_run_and_freezes_exactly_what_it_should(tmp_p
     assert changed == {"conv5_block3_3_conv"}
 
 
-def test_rerunning_a_complete_run_trains_nothing_and_evaluate_agrees(tmp_path, capsys):
-    args = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--unfreeze", "blocks:1",
+VGG_ARGS = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--unfreeze", "blocks:1",
             "--head-epochs", "1", "--epochs", "1", "--name", "v"]
-    assert _run(tmp_path, *args) == 0
-    run = tmp_path / "runs" / "v"
+
+
+@pytest.fixture(scope="module")
+def vgg_run(tmp_path_factory) -> Path:
+    """A complete vgg16 run (caffe preprocessing: the RGB->BGR flip in-graph), trained once for the module."""
+    artifacts = tmp_path_factory.mktemp("vgg")
+    assert _run(artifacts, *VGG_ARGS) == 0
+    return artifacts / "runs" / "v"
+
+
+def test_rerunning_a_complete_run_trains_nothing_and_evaluate_agrees(vgg_run, capsys):
+    tmp_path, args, run = vgg_run.parent.parent, VGG_ARGS, vgg_run
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["model"]["unfreeze"] == "blocks:1" and manifest["model"]["unfreeze_layers"] == 4
     assert [p["phase"] for p in manifest["phases"]] == ["head", "fine-tune"]
@@ -103,6 +110,16 @@ def test_rerunning_a_complete_run_trains_nothing_and_evaluate_agrees(tmp_path, c
     assert _run(tmp_path, *args[:-1], "v", "--lr", "0.5") == 2
     assert "different config (train.lr: 0.001 -> 0.5)" in capsys.readouterr().err
     assert (run / "model.keras").stat().st_mtime_ns == stamp
+
+
+def test_a_runs_model_loads_with_plain_keras_and_predicts_identically(vgg_run, tmp_path, plain_keras_predict):
+    """model.keras is self-contained: a fresh Python that never imports this project loads it with
+    keras.saving.load_model, and its predictions are identical."""
+    model = keras.saving.load_model(vgg_run / "model.keras")
+    assert {type(layer).__module__.split(".")[0] for layer in model.layers} == {"keras"}  # built-in layers only
+    x = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype("float32")
+    fresh = plain_keras_predict(vgg_run / "model.keras", x, tmp_path)
+    np.testing.assert_array_equal(fresh, model.predict(x, verbose=0))
 
 
 @pytest.mark.slow
@@ -237,8 +254,6 @@ def test_scratch_backbone_exports_with_inference_batchnorm(tmp_path):
     code = _run(tmp_path, "--backbone", "mobilenetv2", "--weights", "none", "--image-size", "48", "--unfreeze", "all",
                 "--head-epochs", "0", "--epochs", "1", "--fine-tune-lr", "1e-2", "--name", "scratch")
     assert code == 0
-    import transfer.layers  # noqa: F401
-
     model = keras.models.load_model(tmp_path / "runs" / "scratch" / "model.keras")
     bn = [layer for layer in model.get_layer("mobilenetv2_1.00_48").layers
           if isinstance(layer, keras.layers.BatchNormalization)]
