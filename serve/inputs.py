@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from serve.errors import ApiError
 from transfer.images import DECODE_ERRORS, ImageTooLarge, image_to_array, open_image
 
 # Pillow plugins the server lets untrusted bytes reach (no PostScript/EPS, which would run Ghostscript).
@@ -24,17 +25,6 @@ def image_formats() -> tuple[str, ...]:
     """IMAGE_FORMATS that this Pillow build can open."""
     Image.init()
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
-
-
-class ApiError(Exception):
-    """A client error (or a refusal) with its HTTP status and a short machine-readable kind."""
-
-    def __init__(self, status: int, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
-
-    def body(self) -> dict:
-        return {"error": self.message, "type": self.kind, "status": self.status}
 
 
 # Images up to this many pixels (as their headers announce) decode on the event loop: faster than handing them to a

@@ -386,16 +386,16 @@ def test_negative_streams_are_refused(export_dir):
 
 def test_small_and_large_images_decode_alike(export_dir, monkeypatch):
     """Small images decode on the event loop, large ones in a thread: the answers must not depend on which."""
-    import serve.app
+    import serve.routes.inference
 
     big = np.kron(_images(1, seed=9)[0], np.ones((10, 10, 1), np.uint8))  # 240x400: above INLINE_PIXELS
     bodies = [_png(big), _png(_images(1, seed=8)[0])]
-    assert big.shape[0] * big.shape[1] > serve.app.INLINE_PIXELS
+    assert big.shape[0] * big.shape[1] > serve.routes.inference.INLINE_PIXELS
     model = OnnxModel(ExportDir.open(export_dir))
     offline = model.run(np.stack([decode_image(io.BytesIO(b), 32) for b in bodies]).astype(np.float32))
     answers = {}
     for inline in (0, 10**9):  # everything in the thread pool, then everything on the loop
-        monkeypatch.setattr(serve.app, "INLINE_PIXELS", inline)
+        monkeypatch.setattr(serve.routes.inference, "INLINE_PIXELS", inline)
         with TestClient(create_app(Settings(export_dirs=(str(export_dir),)))) as c:
             answers[inline] = [c.post("/v1/models/tiny:classify?top_k=3", content=b).json()["predictions"][0]
                                for b in bodies]

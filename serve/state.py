@@ -1,0 +1,51 @@
+"""What one app instance holds while it runs: its settings, metrics, the served models, readiness and the decode
+pool. The app factory puts one ServeState on ``app.state.serve``; routes reach it with ``state_of(request)``."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from export.contract import NAME_PATTERN
+from serve.engine import Batcher
+from serve.errors import ApiError
+from serve.metrics import Metrics
+from serve.model import OnnxModel
+from serve.settings import Settings
+
+
+@dataclass
+class Served:
+    """A loaded model and its batcher."""
+
+    model: OnnxModel
+    batcher: Batcher
+
+
+class ServeState:
+    """The settings, metrics and models of one app; ``served`` is filled and ``ready`` set by the app's lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.served: dict[str, Served] = {}
+        self.ready = False
+        # Images above serve.inputs.INLINE_PIXELS decode here, off the event loop.
+        self.decode_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode")
+
+    def lookup(self, name: str) -> Served:
+        """The model served as ``name``: 400 for a malformed name, 404 for an unknown one."""
+        if not NAME_PATTERN.match(name):
+            raise ApiError(400, "invalid_model_name", "model names are letters, digits, '.', '_' and '-' only")
+        served = self.served.get(name)
+        if served is None:
+            raise ApiError(404, "unknown_model", f"no model named {name!r}; GET /v1/models lists them")
+        return served
+
+
+def state_of(request: Request) -> ServeState:
+    """The ServeState of the app answering ``request``."""
+    return request.app.state.serve
