@@ -310,13 +310,3 @@ def get_backbone(name: str) -> Backbone | HubBackbone:
     if key not in BACKBONES:
         raise unknown("backbone", name, [*BACKBONES, *(shown for _, shown, _ in KINDS)])
     return BACKBONES[key]
-
-
-def cached_weights_path(backbone: Backbone, size: int | None = None) -> Path:
-    """Where Keras looks for (and caches) the ImageNet no-top weights of ``backbone``."""
-    return backbone.weights_path(size)
-
-
-def weights_cached(backbone: Backbone | HubBackbone, size: int | None = None) -> bool | None:
-    """Whether ImageNet weights are already cached (None: not applicable, e.g. Hub)."""
-    return backbone.weights_cached(size)

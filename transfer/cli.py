@@ -25,7 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "transfer.pipeline.cli",
 )
 # Commands that must work without TensorFlow (the serving image has none): never import it for them.
-TF_FREE = frozenset({"serve", "predict"})
+TF_FREE = frozenset({"serve", "predict", "backbones"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,14 +117,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_backbones(args) -> int:
-    from transfer.backbones import BACKBONES, weights_cached
-    from transfer.layers import PREPROCESSING
+    from transfer.backbones import BACKBONES, PREPROCESSING
     from transfer.render import print_rows
 
     rows = [
         {"name": b.name, "family": b.family, "params": b.params, "default_size": b.default_size,
          "min_size": b.min_size, "preprocessing": b.preprocessing,
-         "preprocessing_detail": PREPROCESSING[b.preprocessing][3], "imagenet_cached": weights_cached(b)}
+         "preprocessing_detail": PREPROCESSING[b.preprocessing][3], "imagenet_cached": b.weights_cached()}
         for b in BACKBONES.values()
     ]
     for r in rows:

@@ -7,17 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
-from transfer.backbones import BACKBONES, cached_weights_path, keras_home
+from transfer.backbones import BACKBONES
 
 PACKAGES = ("tensorflow", "keras", "tensorflow-hub", "tf-keras", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert",
             "numpy", "protobuf", "fastapi", "uvicorn")
 CORE_BACKBONES = ("vgg16", "resnet50", "mobilenetv2", "efficientnetb0")
-DATASET_CACHE = {  # what the Keras loaders leave in ~/.keras/datasets
-    "cifar10": ("cifar-10-batches-py", "cifar-10-batches-py-target"),
-    "cifar100": ("cifar-100-python", "cifar-100-python-target"),
-    "mnist": ("mnist.npz",),
-    "fashion_mnist": ("fashion-mnist",),
-}
 HOSTS = (
     ("storage.googleapis.com", "ImageNet weights (keras.applications)"),
     ("www.cs.toronto.edu", "CIFAR-10/100"),
@@ -89,16 +83,16 @@ def diagnose(network: bool = True) -> dict:
         import tensorflow as tf
 
         gpus = [device.name for device in tf.config.list_physical_devices("GPU")]
-    weights = {name: cached_weights_path(BACKBONES[name]).exists() for name in CORE_BACKBONES}
-    datasets_dir = keras_home() / "datasets"
-    datasets = {name: any((datasets_dir / entry).exists() for entry in entries)
-                for name, entries in DATASET_CACHE.items()}
+    weights = {name: BACKBONES[name].weights_cached() for name in CORE_BACKBONES}
+    from transfer.data.sources import SOURCES
+
+    datasets = {source.name: source.cached() for source in SOURCES if hasattr(source, "cached")}
     hosts = {host: reachable(host) for host, _ in HOSTS} if network else {}
     offline = network and not any(hosts.values())
     if offline:
         missing = [name for name, ok in weights.items() if not ok]
         if missing:
-            path = cached_weights_path(BACKBONES[missing[0]])
+            path = BACKBONES[missing[0]].weights_path()
             problems.append({
                 "problem": f"offline and no ImageNet weights cached for {', '.join(missing)}",
                 "next": f"copy the weights file to {path} (or pass --weights PATH), or train with --weights none",

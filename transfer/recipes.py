@@ -31,15 +31,6 @@ class BuiltRun:
     unfreeze: object  # transfer.freezing.Unfreeze
     set_trainable: Callable | None = None
 
-    # Transitional, for runner.execute's previous call train(model, built.backbone, ..., hub=built.hub,
-    # pretrained=built.pretrained): remove once it passes built.set_trainable (issue 10).
-    @property
-    def backbone(self):
-        return self.set_trainable
-
-    hub = False
-    pretrained = True
-
 
 @dataclass
 class ModelRecipe:

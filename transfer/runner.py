@@ -107,9 +107,9 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
         steps = len(dataset.train.y) // train_cfg.batch_size
     train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
     num_classes = len(dataset.classes)
-    result = train(model, built.backbone, train_ds=train_ds, val_ds=val_ds, steps_per_epoch=steps,
-                   num_classes=num_classes, cfg=train_cfg, unfreeze=built.unfreeze or recipe.unfreeze,
-                   run_path=run_path, hub=built.hub, pretrained=built.pretrained, strategy=strategy, writer=chief)
+    result = train(model, built.set_trainable, train_ds=train_ds, val_ds=val_ds, steps_per_epoch=steps,
+                   num_classes=num_classes, cfg=train_cfg, unfreeze=built.unfreeze,
+                   run_path=run_path, strategy=strategy, writer=chief)
 
     from transfer.freezing import count_params, freeze_batchnorm
 

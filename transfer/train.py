@@ -244,15 +244,14 @@ def _restore_best(model, ckpt_dir: Path, memory: dict) -> None:
 
 
 def train(model, set_trainable: Callable[[Unfreeze], list[str]] | None, *, train_ds, val_ds, steps_per_epoch: int,
-          num_classes: int, cfg: TrainConfig, unfreeze: Unfreeze, run_path: Path, strategy=None, writer: bool = True,
-          hub=None, pretrained=None) -> TrainResult:
+          num_classes: int, cfg: TrainConfig, unfreeze: Unfreeze, run_path: Path, strategy=None,
+          writer: bool = True) -> TrainResult:
     """Run (or resume) the planned phases; on return ``model`` holds the best weights seen.
 
     ``set_trainable(unfreeze)`` applies a phase's unfreeze setting to the model's backbone and returns the names of
     its trainable layers (:attr:`transfer.recipes.BuiltRun.set_trainable`); None means a model without a backbone:
     one phase in which every layer trains. ``strategy`` is the tf.distribute strategy the model was built under
     (compiling happens in its scope); only the ``writer`` process writes checkpoints and history.
-    ``hub`` and ``pretrained`` are ignored (transitional: runner.execute passed them before issue 10).
     """
     import contextlib
 

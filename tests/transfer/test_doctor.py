@@ -23,7 +23,7 @@ def test_doctor_reports_versions_caches_and_next_steps(monkeypatch, tmp_path, ca
 
 def test_cached_weights_are_seen(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    path = doctor.cached_weights_path(doctor.BACKBONES["vgg16"])
+    path = doctor.BACKBONES["vgg16"].weights_path()
     path.parent.mkdir(parents=True)
     path.write_bytes(b"h5")
     report = doctor.diagnose(network=False)

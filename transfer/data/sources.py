@@ -87,9 +87,16 @@ class KerasDataset:
     origin: str  # the URL the Keras loader downloads from
     read_dir: Callable[[Path], tuple[RawData, Path] | None]  # a pre-downloaded copy's reader; None if absent
     data_files: tuple[str, ...]  # what read_dir looks for in --data-dir, for messages
+    cache_entries: tuple[str, ...] = ()  # what the Keras loader leaves in ~/.keras/datasets
 
     def matches(self, dataset: str) -> bool:
         return dataset.strip().lower() == self.name
+
+    def cached(self) -> bool:
+        """Whether the Keras loader's download cache already holds this dataset (``transfer doctor``)."""
+        from transfer.backbones import keras_home
+
+        return any((keras_home() / "datasets" / entry).exists() for entry in self.cache_entries)
 
     def describe(self) -> str:
         height, width, _ = self.native_shape
@@ -218,6 +225,7 @@ SOURCES: tuple[DatasetSource, ...] = (
             label_key="labels",
         ),
         data_files=("cifar-10-python.tar.gz", "cifar-10-batches-py/"),
+        cache_entries=("cifar-10-batches-py", "cifar-10-batches-py-target"),
     ),
     KerasDataset(
         name="cifar100",
@@ -234,6 +242,7 @@ SOURCES: tuple[DatasetSource, ...] = (
             label_key="fine_labels",
         ),
         data_files=("cifar-100-python.tar.gz", "cifar-100-python/"),
+        cache_entries=("cifar-100-python", "cifar-100-python-target"),
     ),
     KerasDataset(
         name="mnist",
@@ -243,6 +252,7 @@ SOURCES: tuple[DatasetSource, ...] = (
         origin=f"{_KERAS_ORIGIN}mnist.npz",
         read_dir=read_mnist,
         data_files=("mnist.npz",),
+        cache_entries=("mnist.npz",),
     ),
     KerasDataset(
         name="fashion_mnist",
@@ -252,6 +262,7 @@ SOURCES: tuple[DatasetSource, ...] = (
         origin=f"{_KERAS_ORIGIN}train-labels-idx1-ubyte.gz",  # the first of the four files Keras fetches
         read_dir=read_fashion_mnist,
         data_files=(" + ".join(FASHION_FILES),),
+        cache_entries=("fashion-mnist",),
     ),
     SyntheticSource(),
     FolderSource(),
