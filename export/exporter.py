@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,10 +180,11 @@ def _export_one(row: Format, ctx: ExportContext, out: Path, options: ExportOptio
         predictor = row.load(dest)
         if row.describe is not None:
             facts.update(row.describe(dest, predictor))
-    except Exception as exc:  # one format failing must not stop the others: record it and go on
+    except Exception as exc:  # one format failing must not stop the others: record it (traceback kept) and go on
         _remove(tmp)
-        print(f"export: {row.name} failed: {_one_line(exc)}", flush=True)
-        return {FILE_KEY: row.file, STATUS_KEY: FAILED_EXPORT, "error": _one_line(exc)}, None
+        print(f"export: {row.name} failed: {_one_line(exc)} (traceback in the manifest's entry)", flush=True)
+        return {FILE_KEY: row.file, STATUS_KEY: FAILED_EXPORT, "error": _one_line(exc),
+                "traceback": traceback.format_exc()}, None
     entry = {
         FILE_KEY: row.file,
         STATUS_KEY: EXPORTED,
@@ -211,7 +213,8 @@ def _verify_all(model, predictors: dict, dataset, entries: dict, limit: int | No
         try:
             report = verify(reference, predictor, inputs, y, FORMATS[name].thresholds)
         except Exception as exc:  # a runtime that cannot run the artifact fails verification, it does not crash
-            report = {"passed": False, "failures": [f"inference failed: {_one_line(exc)}"]}
+            report = {"passed": False, "failures": [f"inference failed: {_one_line(exc)}"],
+                      "traceback": traceback.format_exc()}
         report[STATUS_KEY] = VERIFIED if report["passed"] else FAILED_VERIFICATION
         entries[name][STATUS_KEY] = report[STATUS_KEY]
         entries[name]["verification"] = {k: report.get(k) for k in
@@ -221,15 +224,15 @@ def _verify_all(model, predictors: dict, dataset, entries: dict, limit: int | No
 
 
 def _manifest(source: dict, run_dir: Path, formats: dict, verified: bool) -> dict:
+    from importlib import metadata
+
     from transfer.runner import library_versions
 
     versions = {**library_versions()}
     for package in ("onnx", "onnxruntime", "tf2onnx", "ai-edge-litert"):
         try:
-            from importlib import metadata
-
             versions[package] = metadata.version(package)
-        except Exception:
+        except metadata.PackageNotFoundError:
             versions[package] = None
     return {
         **source,
@@ -272,9 +275,10 @@ def reverify(export_dir: Path, limit: int | None = None) -> ExportResult:
             continue
         try:
             predictors[name] = FORMATS[name].load(export.path_of(name))
-        except Exception as exc:  # a damaged artifact fails verification
+        except Exception as exc:  # a damaged artifact fails verification (traceback kept for bugs)
             predictors[name] = None
             entry["error"] = f"cannot load: {_one_line(exc)}"
+            entry["traceback"] = traceback.format_exc()
         entry["sha256_matches"] = export.sha256_matches(name)
     reports = _verify_all(model, predictors, dataset, entries, limit)
     for name, predictor in predictors.items():

@@ -15,36 +15,27 @@ API_KEY_ENV = "TRANSFER_SERVE_API_KEY"
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    """The flags of `transfer serve` / `python -m serve`."""
+    """The flags of `transfer serve` / `python -m serve`, built from the Settings fields (their one home)."""
+    from dataclasses import fields
+
+    from transfer.options import add_config_args
+
     p.add_argument("export_dirs", nargs="*", metavar="EXPORT_DIR", help="export directories written by transfer export")
-    p.add_argument("--model-repo", metavar="DIR", help="serve every export directory under DIR, each by folder name")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: loopback only)")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--workers", type=int, default=1, help="server processes (each loads every model)")
-    p.add_argument("--max-batch", type=int, default=32, help="largest inference batch (default 32)")
-    p.add_argument("--batch-timeout-ms", type=float, default=5.0,
-                   help="how long a batch waits for more requests on their way (default 5)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="ONNX Runtime intra-op threads per inference stream (default 0 = auto)")
-    p.add_argument("--streams", type=int, default=0,
-                   help="batches of one model run at the same time (default 0 = auto: one 1-thread stream per core)")
-    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 (or set {API_KEY_ENV})")
-    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (default 16 MB)")
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, in pixels (default 40M)")
-    p.add_argument("--max-images", type=int, default=64, help="most images per request (default 64)")
-    p.add_argument("--request-timeout", type=float, default=30.0, help="seconds per request (default 30)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_config_args(p, Settings)
+    body = next(f.default for f in fields(Settings) if f.name == "max_body_bytes") / 2**20
+    p.add_argument("--max-body-mb", type=float, default=body, help=f"largest request body in MB (default: {body:g})")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default: info)")
 
 
 def settings_from_args(args) -> Settings:
-    """Settings from parsed `serve` flags."""
-    return Settings(
-        export_dirs=tuple(args.export_dirs), model_repo=args.model_repo, host=args.host, port=args.port,
-        workers=args.workers, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms, threads=args.threads,
-        streams=args.streams,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_body_bytes=int(args.max_body_mb * 2**20),
-        max_pixels=args.max_pixels, max_images=args.max_images, request_timeout_s=args.request_timeout,
-    )
+    """Settings from parsed `serve` flags (the API key may come from the environment instead)."""
+    from transfer.options import build, given
+
+    values = {**given(args, Settings), "export_dirs": tuple(args.export_dirs),
+              "api_key": args.api_key or os.environ.get(API_KEY_ENV) or None,
+              "max_body_bytes": int(args.max_body_mb * 2**20)}
+    return build(Settings, values, "the serve options")
 
 
 def run_server(settings: Settings, log_level: str = "info") -> None:

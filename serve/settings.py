@@ -1,13 +1,15 @@
-"""Server settings: one frozen dataclass the CLI fills in and tests override."""
+"""Server settings: one frozen dataclass, the one home of the server's defaults (`transfer serve` builds its flags from
+its fields), filled in by the CLI and overridden by tests."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from transfer.config import option
 from transfer.errors import UserError
 
 ENV_VAR = "TRANSFER_SERVE_SETTINGS"  # how `--workers N` hands the settings to each worker process
@@ -32,23 +34,25 @@ def available_cores(cpu_max: str = CGROUP_CPU_MAX) -> int:
 class Settings:
     """What to serve and how; invalid values raise UserError on construction."""
 
-    export_dirs: tuple[str, ...] = ()  # each served under its manifest name
-    model_repo: str | None = None  # every export directory below it, each under its folder name
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    max_batch: int = 32
-    batch_timeout_ms: float = 5.0
-    threads: int = 0  # ONNX Runtime intra-op threads per inference stream (0 = auto, see parallelism())
-    streams: int = 0  # batches of one model that run at the same time (0 = auto)
-    api_key: str | None = field(default=None, repr=False)
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_pixels: int = 40_000_000  # per image, checked on the header before decoding
-    max_images: int = 64  # per request
-    request_timeout_s: float = 30.0
-    max_queue_images: int = 4096  # beyond this the server sheds load with 503 instead of queueing forever
-    default_top_k: int = 5
-    warmup: bool = True
+    export_dirs: tuple[str, ...] = option((), "export directories, each served under its folder name", cli=False)
+    model_repo: str | None = option(None, "serve every export directory under DIR, each by folder name",
+                                    metavar="DIR", default_text="none")
+    host: str = option("127.0.0.1", "interface to bind (127.0.0.1: loopback only)")
+    port: int = option(8080, "TCP port")
+    workers: int = option(1, "server processes (each loads every model)")
+    max_batch: int = option(32, "largest inference batch")
+    batch_timeout_ms: float = option(5.0, "how long a batch waits for more requests on their way")
+    threads: int = option(0, "ONNX Runtime intra-op threads per inference stream (0 = auto)")
+    streams: int = option(0, "batches of one model run at the same time (0 = auto: one 1-thread stream per core)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 (or set TRANSFER_SERVE_API_KEY)",
+                                 metavar="KEY", default_text="none", repr=False)
+    max_body_bytes: int = option(16 * 1024 * 1024, "largest request body", cli=False)  # flag: --max-body-mb
+    max_pixels: int = option(40_000_000, "largest image, in pixels (checked on the header before decoding)")
+    max_images: int = option(64, "most images per request")
+    request_timeout_s: float = option(30.0, "seconds per request", flag="request-timeout")
+    max_queue_images: int = option(4096, "images queued per model before the server sheds load with 503")
+    default_top_k: int = option(5, "labels per image when a request gives no top_k")
+    warmup: bool = option(True, "run each model once at every batch size before serving", cli=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "export_dirs", tuple(str(p) for p in self.export_dirs))

@@ -20,11 +20,11 @@ STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")  # transfer.dist
 
 
 def option(default, help: str, *, flag: str | None = None, choices: tuple | None = None, metavar: str | None = None,
-           cli: bool = True, default_text: str | None = None):
+           cli: bool = True, default_text: str | None = None, repr: bool = True):
     """A config field with what the CLI and TOML readers need: help text, flag name (default: the field name with
     dashes), choices, and ``cli=False`` for fields no flag sets (set by the program itself)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "metavar": metavar,
-                                            "cli": cli, "default_text": default_text})
+    return field(default=default, repr=repr, metadata={"help": help, "flag": flag, "choices": choices,
+                                                       "metavar": metavar, "cli": cli, "default_text": default_text})
 
 
 @dataclass(frozen=True)

@@ -55,10 +55,19 @@ def test_unknown_or_mistyped_config_keys_are_one_line_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_every_command_takes_a_config_file():
-    parser = build_parser()
-    for name, command in parser.commands.items():
-        assert any(action.dest in ("config", "config_file") for action in command._actions), name
+def test_every_command_reads_its_config_file(tmp_path, capsys):
+    """Not just a --config flag: every command reads the file and checks its keys (a typo is a one-line exit 2)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("no_such_option = 1\n")
+    positional = {"evaluate": ["RUN"], "export": ["RUN"], "verify": ["EXPORT"], "bench": ["EXPORT"],
+                  "predict": ["EXPORT", "x.png"], "pipeline": [str(bad)]}
+    commands = build_parser().commands
+    assert {"finetune", "baseline", "compare", "pipeline", "export", "serve", "predict"} <= set(commands)
+    for name in commands:
+        argv = [name, *positional.get(name, [])] + ([] if name == "pipeline" else ["--config", str(bad)])
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert "no_such_option" in err and err.count("\n") == 1, (name, err)
 
 
 def test_config_file_values_of_the_wrong_type_are_refused(tmp_path, capsys):
