@@ -24,6 +24,7 @@ from export.contract import FAILED_EXPORT, LABELS, STATUS_KEY, ExportDir
 from export.runtimes import LITERT, ONNXRUNTIME, TENSORFLOW, Predictor, Runtime, int8_boundaries
 from transfer.config import option
 from transfer.errors import UserError, unknown
+from transfer.options import comma_list
 
 DEFAULT_OPSET = 15
 
@@ -267,14 +268,10 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
-def _split(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
-
-
 def select_formats(formats: str | None, quantize: str | None) -> list[Format]:
     """Rows for ``--formats`` (families or row names) and ``--quantize`` (tflite variants); default: everything."""
-    families = _split(formats) or list(FAMILIES)
-    variants = _split(quantize)
+    families = comma_list(formats) or list(FAMILIES)
+    variants = comma_list(quantize)
     for variant in variants:
         if variant not in QUANTIZE_CHOICES:
             raise unknown("--quantize value", variant, QUANTIZE_CHOICES)

@@ -8,8 +8,6 @@ nowhere else: argparse, ``--help``, compare and pipeline read it from the field.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field, fields
 
 from transfer.errors import UserError, unknown
@@ -249,9 +247,3 @@ def as_dict(*configs) -> dict:
         key = type(config).__name__.removesuffix("Config").lower()
         out[key] = dataclasses.asdict(config)
     return out
-
-
-def config_hash(config: dict) -> str:
-    """A short stable hash of a config dict (used to tell whether a run dir is the same run)."""
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

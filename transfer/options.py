@@ -26,7 +26,7 @@ from pathlib import Path
 
 import tomllib
 
-from transfer.errors import UserError, unknown
+from transfer.errors import UserError, closest, unknown
 
 CONFIG_DEST = "config_file"
 # Not replayed: where the options came from, and the one flag that would destroy the run being replayed.
@@ -126,11 +126,16 @@ def _on_off(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"'{text}' is not on or off")
 
 
+def comma_list(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (the one comma-split of list-valued flags)."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
 def _list_of(kind, flag: str):
     """An argparse type for a comma-separated list of ``kind`` (whole numbers checked with isdecimal)."""
 
     def parse(text: str) -> list:
-        items = [part.strip() for part in text.split(",") if part.strip()]
+        items = comma_list(text)
         if kind is int:
             for item in items:
                 if not item.isdecimal():
@@ -364,7 +369,10 @@ def _check_table(table: dict, cls, exclude: tuple[str, ...], where: str, path: s
     for key, value in table.items():
         name = key.replace("-", "_")
         if name not in allowed:
-            raise unknown(f"config key in {path}", f"{where}{key}", [f"{where}{a}" for a in allowed])
+            guess = closest(name, allowed)
+            hint = f"; did you mean '{where}{guess}'?" if guess else ""
+            raise UserError(f"unknown config key '{where}{key}' in {path}{hint} "
+                            f"(valid: {', '.join(where + a for a in sorted(allowed))})")
         out[name] = check_value(f"{where}{key}", value, hints[name], path)
     return out
 

@@ -1,4 +1,5 @@
-"""Plots a run writes: train vs validation accuracy and loss per epoch, and the confusion matrix."""
+"""Every plot the toolkit draws: a run's accuracy/loss curves and confusion matrix, a comparison's trade-off, learning
+curve and accuracy plots (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,64 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], out_path: Pat
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
+
+
+def plot_tradeoff(plt, rows: list[dict], key: str, label: str, path: Path, scale: float = 1.0) -> None:
+    from transfer.compare.ranking import pareto_front
+
+    acc = [r["test_accuracy"] * 100 for r in rows]
+    cost = [r[key] * scale for r in rows]
+    front = sorted(pareto_front(acc, cost), key=lambda i: cost[i])
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.scatter(cost, acc, color="tab:blue", zorder=2, label="cells")
+    ax.plot([cost[i] for i in front], [acc[i] for i in front], color="tab:red", marker="o", markersize=9,
+            markerfacecolor="none", linewidth=1.5, zorder=3, label="Pareto front")
+    for r, x, y in zip(rows, cost, acc, strict=True):
+        ax.annotate(r["cell"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(label)
+    ax.set_ylabel("test accuracy (%)")
+    if len(set(cost)) > 1 and min(cost) > 0 and max(cost) / min(cost) > 20:
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_comparison(rows: list[dict], out: Path, names: tuple[str, ...]) -> list[Path]:
+    """A comparison's plots, written as ``names`` in ``out``: accuracy vs latency and vs size (Pareto front marked),
+    overlaid learning curves, accuracy bars."""
+    from transfer.train import read_history
+
+    plt = _pyplot()
+    out.mkdir(parents=True, exist_ok=True)
+    plot_tradeoff(plt, rows, "latency_ms", "batch-1 latency (ms)", out / names[0])
+    plot_tradeoff(plt, rows, "size_bytes", "model file size (MB)", out / names[1], scale=1e-6)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        history = read_history(Path(r["history"]))
+        line, = ax.plot([h["epoch"] for h in history], [h.get("val_accuracy") for h in history], label=r["cell"])
+        ax.plot([h["epoch"] for h in history], [h.get("accuracy") for h in history], linestyle=":",
+                color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (solid: validation, dotted: train)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / names[2], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 5))
+    means = [r["test_accuracy"] * 100 for r in rows]
+    errors = [(r["test_accuracy_std"] or 0) * 100 for r in rows]
+    ax.bar(range(len(rows)), means, yerr=errors, capsize=4,
+           color=["tab:orange" if r["kind"] == "baseline" else "tab:blue" for r in rows])
+    ax.set_xticks(range(len(rows)), [r["cell"] for r in rows], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)  (orange: scratch baseline, blue: fine-tuned)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out / names[3], dpi=100)
+    plt.close(fig)
+    return [out / name for name in names]

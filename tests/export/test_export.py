@@ -182,6 +182,8 @@ def test_a_failing_format_is_recorded_and_keeps_what_was_written(tiny_export, tm
     assert "onnx: failed-export" in capsys.readouterr().err
     assert sha256_of(out / "model.onnx") == before
     formats = json.loads((out / "manifest.json").read_text())["export"]["formats"]
+    trace = formats["onnx"].pop("traceback")  # kept whole, so a bug in an exporter is not flattened to one line
+    assert trace.startswith("Traceback") and "converter exploded\nwith a long traceback" in trace
     assert formats["onnx"] == {"file": "model.onnx", "status": "failed-export",
                                "error": "RuntimeError: converter exploded"}
     assert formats["tflite"]["status"] == "verified"  # formats of the earlier export are kept

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from transfer import rundir
-from transfer.compare.ranking import pareto_front
+from transfer.plots import plot_comparison
 
 PLOTS = ("accuracy_vs_latency.png", "accuracy_vs_size.png", "learning_curves.png", "accuracy_bars.png")
 
@@ -51,65 +51,6 @@ def _markdown(rows: list[dict], winners: list[dict], title: str, settings: dict)
     lines += ["", "## Winners", ""]
     lines += [f"- **{w['cell']}** — {', '.join(w['why'])} (`{w['best_run']}`)" for w in winners]
     return "\n".join(lines) + "\n"
-
-
-def _plot_tradeoff(plt, rows: list[dict], key: str, label: str, path: Path, scale: float = 1.0) -> None:
-    acc = [r["test_accuracy"] * 100 for r in rows]
-    cost = [r[key] * scale for r in rows]
-    front = sorted(pareto_front(acc, cost), key=lambda i: cost[i])
-    fig, ax = plt.subplots(figsize=(7, 5))
-    ax.scatter(cost, acc, color="tab:blue", zorder=2, label="cells")
-    ax.plot([cost[i] for i in front], [acc[i] for i in front], color="tab:red", marker="o", markersize=9,
-            markerfacecolor="none", linewidth=1.5, zorder=3, label="Pareto front")
-    for r, x, y in zip(rows, cost, acc, strict=True):
-        ax.annotate(r["cell"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(label)
-    ax.set_ylabel("test accuracy (%)")
-    if len(set(cost)) > 1 and min(cost) > 0 and max(cost) / min(cost) > 20:
-        ax.set_xscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_plots(rows: list[dict], out: Path) -> list[Path]:
-    """Accuracy vs latency and vs size (Pareto front marked), overlaid learning curves, accuracy bars."""
-    from transfer.plots import _pyplot
-    from transfer.train import read_history
-
-    plt = _pyplot()
-    out.mkdir(parents=True, exist_ok=True)
-    _plot_tradeoff(plt, rows, "latency_ms", "batch-1 latency (ms)", out / PLOTS[0])
-    _plot_tradeoff(plt, rows, "size_bytes", "model file size (MB)", out / PLOTS[1], scale=1e-6)
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        history = read_history(Path(r["history"]))
-        line, = ax.plot([h["epoch"] for h in history], [h.get("val_accuracy") for h in history], label=r["cell"])
-        ax.plot([h["epoch"] for h in history], [h.get("accuracy") for h in history], linestyle=":",
-                color=line.get_color())
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (solid: validation, dotted: train)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / PLOTS[2], dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 5))
-    means = [r["test_accuracy"] * 100 for r in rows]
-    errors = [(r["test_accuracy_std"] or 0) * 100 for r in rows]
-    ax.bar(range(len(rows)), means, yerr=errors, capsize=4,
-           color=["tab:orange" if r["kind"] == "baseline" else "tab:blue" for r in rows])
-    ax.set_xticks(range(len(rows)), [r["cell"] for r in rows], rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (%)  (orange: scratch baseline, blue: fine-tuned)")
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(out / PLOTS[3], dpi=100)
-    plt.close(fig)
-    return [out / name for name in PLOTS]
 
 
 def _html(rows: list[dict], winners: list[dict], title: str, settings: dict, plots: list[Path]) -> str:
@@ -156,7 +97,7 @@ def write_report(out: Path, title: str, rows: list[dict], winners: list[dict], s
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        plots = write_plots(rows, tmp / "plots")
+        plots = plot_comparison(rows, tmp / "plots", PLOTS)
         public = [{k: v for k, v in r.items() if k != "history"} for r in rows]
         (tmp / "leaderboard.md").write_text(_markdown(rows, winners, title, settings))
         with open(tmp / "leaderboard.csv", "w", newline="") as handle:
