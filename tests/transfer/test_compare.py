@@ -119,7 +119,8 @@ def test_bad_matrices(matrix, cells, needle):
 def test_config_keys_are_checked(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[train]\nepoch = 3\n')
-    with pytest.raises(UserError, match=r"unknown config key 'train\.epoch' in .*c\.toml; did you mean 'train\.epochs'\?"):
+    typo = r"unknown config key 'train\.epoch' in .*c\.toml; did you mean 'train\.epochs'\?"
+    with pytest.raises(UserError, match=typo):
         load_config(path)
     path.write_text('[[cells]]\nbaseline = "vgg1"\nimage_siz = 3\n')
     with pytest.raises(UserError, match=re.escape("cells[0].image_siz")):
