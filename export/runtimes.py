@@ -109,7 +109,7 @@ def _interpreter(path, num_threads: int | None = None):
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:
-        raise _missing("ai-edge-litert", "the tflite formats") from exc
+        raise _missing("ai-edge-litert", "the TFLite runtime") from exc
     return Interpreter(model_path=str(path), num_threads=num_threads)
 
 

@@ -36,9 +36,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def quiet_tensorflow() -> None:
-    """Import TensorFlow with stderr muted: its C++ start-up chatter would bury one-line errors."""
+    """Import TensorFlow with stderr muted: its C++ start-up chatter would bury one-line errors; without TensorFlow,
+    a one-line UserError."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "tensorflow" in sys.modules:
+    if sys.modules.get("tensorflow") is not None:
         return
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
@@ -46,6 +47,9 @@ def quiet_tensorflow() -> None:
         import tensorflow as tf
 
         tf.config.list_physical_devices()
+    except ImportError as exc:
+        raise UserError(f"this command needs TensorFlow, which is not installed here ({exc}); "
+                        'pip install -e "." (the serving image runs only serve and predict)') from exc
     finally:
         os.dup2(saved, 2)
         os.close(saved)

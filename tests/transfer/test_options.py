@@ -137,3 +137,11 @@ def test_the_cli_parses_without_tensorflow():
         assert "HEAVY [] CODE" in done.stdout, (argv, done.stdout, done.stderr[-500:])
         if argv[-1] != "--help":
             assert "CODE 2" in done.stdout and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_training_without_tensorflow_is_one_line_exit_2():
+    code = ("import sys; sys.modules['tensorflow'] = None  # as in the serving image\n"
+            "from transfer.cli import main; sys.exit(main(['finetune', '--epochs', '1']))")
+    done = _python("-c", code)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "needs TensorFlow" in done.stderr and "serve and predict" in done.stderr
