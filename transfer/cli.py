@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -29,7 +30,12 @@ TF_FREE = frozenset({"serve", "predict", "backbones"})
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2), like every other user error of the tool."""
+    """argparse with one-line errors (exit 2), like every other user error of the tool; negative numbers in scientific
+    notation (``--lr -1e-4``) are values, not options."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

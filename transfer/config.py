@@ -18,11 +18,37 @@ STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")  # transfer.dist
 
 
 def option(default, help: str, *, flag: str | None = None, choices: tuple | None = None, metavar: str | None = None,
-           cli: bool = True, default_text: str | None = None, repr: bool = True):
+           cli: bool = True, default_text: str | None = None, repr: bool = True, minimum: float | None = None,
+           maximum: float | None = None):
     """A config field with what the CLI and TOML readers need: help text, flag name (default: the field name with
-    dashes), choices, and ``cli=False`` for fields no flag sets (set by the program itself)."""
+    dashes), choices, bounds (checked by :func:`check_bounds`), and ``cli=False`` for fields no flag sets."""
     return field(default=default, repr=repr, metadata={"help": help, "flag": flag, "choices": choices,
-                                                       "metavar": metavar, "cli": cli, "default_text": default_text})
+                                                       "metavar": metavar, "cli": cli, "default_text": default_text,
+                                                       "minimum": minimum, "maximum": maximum})
+
+
+def _number(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+
+def check_bounds(config) -> None:
+    """Refuse a numeric field outside its ``minimum``/``maximum`` with one line naming the flag and the value."""
+    for f in fields(config):
+        value, low, high = getattr(config, f.name), f.metadata.get("minimum"), f.metadata.get("maximum")
+        if (low is None and high is None) or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if (low is not None and not value >= low) or (high is not None and not value <= high):
+            flag = "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+            if low is not None and high is not None:
+                allowed = f"between {_number(low)} and {_number(high)}"
+            else:
+                allowed = f">= {_number(low)}" if low is not None else f"<= {_number(high)}"
+            raise UserError(f"invalid {flag} {value} (must be {allowed})")
+
+
+# Largest square input any command accepts: a 64-image batch at this size is already 3 GB of float32 pixels.
+MAX_IMAGE_SIZE = 2048
+MAX_EPOCHS = 100_000
 
 
 @dataclass(frozen=True)
@@ -36,11 +62,14 @@ class ModelConfig:
     backbone: str = option("mobilenetv2", "registry name (see `transfer backbones`) or hub:HANDLE")
     weights: str = option("imagenet", "imagenet | none | PATH to a backbone weights file")
     image_size: int | None = option(None, "size the backbone sees; images are resized inside the model",
-                                    default_text="the backbone's own")
+                                    default_text="the backbone's own", minimum=1, maximum=MAX_IMAGE_SIZE)
     head: str = option("default", "pooling then layers, e.g. gap,dropout0.2 or flatten,dense256-bn; "
                        "presets: default, seeds, linear, mlp")
     unfreeze: str = option("0", "0 (head only) | N (top N backbone layers) | blocks:N (top N blocks, layers above) "
                            "| all")
+
+    def __post_init__(self):
+        check_bounds(self)
 
 
 @dataclass(frozen=True)
@@ -52,25 +81,23 @@ class TrainConfig:
     fine_tune_lr: float = option(1e-4, "learning rate once layers are unfrozen")
     schedule: str = option("constant", "learning-rate schedule per phase", choices=SCHEDULES)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy, in [0, 1)")
-    batch_size: int = option(64, "global batch size")
-    epochs: int = option(10, "epochs of the fine-tuning phase (of the only phase with --unfreeze 0)")
-    head_epochs: int = option(3, "epochs training the head on a frozen backbone before unfreezing")
-    patience: int = option(5, "early stopping on val_accuracy (best weights restored)")
-    seed: int = option(0, "seed of splits, initialisation, shuffling and augmentation")
+    batch_size: int = option(64, "global batch size", minimum=1, maximum=65_536)
+    epochs: int = option(10, "epochs of the fine-tuning phase (of the only phase with --unfreeze 0)", minimum=0,
+                         maximum=MAX_EPOCHS)
+    head_epochs: int = option(3, "epochs training the head on a frozen backbone before unfreezing", minimum=0,
+                              maximum=MAX_EPOCHS)
+    patience: int = option(5, "early stopping on val_accuracy (best weights restored)", minimum=1, maximum=MAX_EPOCHS)
+    seed: int = option(0, "seed of splits, initialisation, shuffling and augmentation", minimum=0, maximum=2**32 - 1)
     tensorboard: bool = option(True, "write TensorBoard logs")
 
     def __post_init__(self):
+        check_bounds(self)
         checks = (
             (self.optimizer in OPTIMIZERS, f"--optimizer '{self.optimizer}' (choices: {', '.join(OPTIMIZERS)})"),
             (self.schedule in SCHEDULES, f"--schedule '{self.schedule}' (choices: {', '.join(SCHEDULES)})"),
             (self.lr > 0, f"--lr {self.lr} (must be > 0)"),
             (self.fine_tune_lr > 0, f"--fine-tune-lr {self.fine_tune_lr} (must be > 0)"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing {self.label_smoothing} (must be in [0, 1))"),
-            (self.batch_size >= 1, f"--batch-size {self.batch_size} (must be >= 1)"),
-            (self.epochs >= 0, f"--epochs {self.epochs} (must be >= 0)"),
-            (self.head_epochs >= 0, f"--head-epochs {self.head_epochs} (must be >= 0)"),
-            (self.patience >= 1, f"--patience {self.patience} (must be >= 1)"),
-            (self.seed >= 0, f"--seed {self.seed} (must be >= 0)"),
         )
         for ok, message in checks:
             if not ok:
@@ -132,12 +159,14 @@ class DataConfig:
     val_split: float = option(0.1, "fraction of training data held out for validation")
     test_split: float = option(0.1, "fraction held out for test (folder datasets without a test/ sub-folder)")
     seed: int = option(0, "split seed (the run's --seed)", cli=False)
-    folder_image_size: int = option(64, "folder datasets: images are decoded and resized to this square size")
-    synthetic_train: int = option(2000, "synthetic set: training images")
-    synthetic_test: int = option(500, "synthetic set: test images")
-    limit_train: int | None = option(None, "use a seeded, stratified subset of this many training images")
+    folder_image_size: int = option(64, "folder datasets: images are decoded and resized to this square size",
+                                    minimum=1, maximum=MAX_IMAGE_SIZE)
+    synthetic_train: int = option(2000, "synthetic set: training images", minimum=1, maximum=1_000_000)
+    synthetic_test: int = option(500, "synthetic set: test images", minimum=1, maximum=1_000_000)
+    limit_train: int | None = option(None, "use a seeded, stratified subset of this many training images", minimum=1)
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         for name in ("val_split", "test_split"):
             value = getattr(self, name)
             if not 0 <= value < 0.9:
@@ -147,10 +176,7 @@ class DataConfig:
             raise UserError(f"val_split + test_split = {total:g} leaves no training data; keep it below 1")
         if self.seed < 0:
             raise UserError(f"seed={self.seed} must be >= 0")
-        positive = ("folder_image_size", "synthetic_train", "synthetic_test")
-        for name in positive + (("limit_train",) if self.limit_train is not None else ()):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name}={getattr(self, name)} must be > 0")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -177,15 +203,14 @@ class CompareConfig:
     """The top level of a comparison: its name, seeds, defaults of its fine-tuned cells and measurement."""
 
     name: str = option("compare", "report name: <artifacts>/reports/<name>/")
-    seeds: int = option(1, "repeat every cell with this many seeds (--seed, --seed+1, ...)")
+    seeds: int = option(1, "repeat every cell with this many seeds (--seed, --seed+1, ...)", minimum=1, maximum=1000)
     weights: str = option("imagenet", "backbone weights of every fine-tuned cell: imagenet | none | PATH")
     head: str = option("default", "head of every fine-tuned cell")
     artifacts: str = option("artifacts", "artifacts root")
-    latency_runs: int = option(30, "timed batch-1 calls per model (median reported)")
+    latency_runs: int = option(30, "timed batch-1 calls per model (median reported)", minimum=1, maximum=100_000)
 
     def __post_init__(self):
-        if self.seeds < 1 or self.latency_runs < 1:
-            raise UserError(f"--seeds {self.seeds} and --latency-runs {self.latency_runs} must be >= 1")
+        check_bounds(self)
 
 
 @dataclass(frozen=True)
@@ -230,14 +255,12 @@ class ExportStepConfig:
 class BenchConfig:
     """Benchmark settings: threads every runtime uses, timed runs, warm-up runs."""
 
-    threads: int = option(1, "threads every runtime uses")
-    iterations: int = option(50, "timed runs at batch 1 (a quarter at batch 32)")
-    warmup: int = option(5, "untimed runs first")
+    threads: int = option(1, "threads every runtime uses", minimum=1, maximum=1024)
+    iterations: int = option(50, "timed runs at batch 1 (a quarter at batch 32)", minimum=1, maximum=1_000_000)
+    warmup: int = option(5, "untimed runs first", minimum=0, maximum=1_000_000)
 
     def __post_init__(self):
-        if self.threads <= 0 or self.iterations <= 0 or self.warmup < 0:
-            raise UserError(f"bench threads ({self.threads}) and iterations ({self.iterations}) must be > 0 and "
-                            f"warmup ({self.warmup}) >= 0")
+        check_bounds(self)
 
 
 def as_dict(*configs) -> dict:

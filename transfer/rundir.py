@@ -94,6 +94,19 @@ def ensure_writable(root: Path) -> None:
         ) from exc
 
 
+def check_writable(root: Path, flag: str = "--artifacts") -> None:
+    """Refuse a directory that cannot be created or written into, without creating anything: a probe directory is
+    made in the nearest existing ancestor and removed again."""
+    root = Path(root).absolute()
+    ancestor = next((p for p in (root, *root.parents) if p.exists()), Path("/"))
+    if not ancestor.is_dir():
+        raise UserError(f"'{root}' cannot be created: '{ancestor}' is a file; pass {flag} DIR")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=ancestor))
+    except OSError as exc:
+        raise UserError(f"'{root}' is not writable ({exc.strerror or exc}); pass {flag} DIR") from exc
+
+
 def prepare(run_path: Path, config: dict, *, overwrite: bool = False, write: bool = True) -> str:
     """Claim ``run_path`` for ``config``: returns "new", "resume" or "complete".
 

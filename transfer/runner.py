@@ -56,7 +56,7 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
         print(f"strategy: {run_cfg.strategy} ({type(strategy).__name__}) with {strategy.num_replicas_in_sync} replicas"
               + ("" if chief else " (this worker does not write the run directory)"))
     if chief:
-        rundir.ensure_writable(run_path.parent)
+        rundir.check_writable(run_path.parent)  # creates nothing: a run that fails before training leaves no trace
     config = {"kind": recipe.kind, **as_dict(data_cfg, augment_cfg, recipe.model_config, train_cfg)}
 
     t0 = time.perf_counter()

@@ -78,9 +78,9 @@ def test_registry_rows_describe_the_datasets():
         ({"val_split": 0.95}, "val_split=0.95"),
         ({"test_split": -0.1}, "test_split=-0.1"),
         ({"val_split": 0.5, "test_split": 0.5}, "val_split \\+ test_split"),
-        ({"synthetic_train": 0}, "synthetic_train=0"),
-        ({"synthetic_test": -5}, "synthetic_test=-5"),
-        ({"limit_train": 0}, "limit_train=0"),
+        ({"synthetic_train": 0}, "--synthetic-train 0"),
+        ({"synthetic_test": -5}, "--synthetic-test -5"),
+        ({"limit_train": 0}, "--limit-train 0"),
         ({"seed": -1}, "seed=-1"),
     ],
 )
