@@ -256,8 +256,7 @@ def dump_toml(data: dict, header: str = "") -> str:
 
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o644)
+    tmp.write_text(text)  # open() applies the umask itself
     tmp.replace(path)
 
 

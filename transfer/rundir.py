@@ -31,6 +31,21 @@ HISTORY = "history.csv"
 MANIFEST_VERSION = 1
 
 
+
+def file_mode() -> int:
+    """What a plain open() gives a new file: 0666 less the process umask (read from /proc without changing it; where
+    /proc has no Umask line, the umask is read by setting it back at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     """Write JSON atomically: a temporary file in the same directory, then a rename."""
     path = Path(path)
@@ -40,7 +55,7 @@ def write_json(path: str | os.PathLike, data) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=True, default=str)
             handle.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600: others (a container's non-root user) must read what we write
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; others (a container's non-root user) must read what we write
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -201,6 +201,21 @@ def test_running_again_trains_nothing_and_keeps_other_files(two_cell_report, cap
     assert sorted(p.name for p in (artifacts / "reports").iterdir()) == ["two"]  # no temporary directory left
 
 
+def test_every_cell_replays_alone_from_its_config_toml(two_cell_report, capsys):
+    artifacts, _ = two_cell_report
+    runs = sorted((artifacts / "runs").glob("two--*"))
+    assert len(runs) == 2
+    for run in runs:
+        replay = (run / "config.toml").read_text()
+        command = "baseline" if "--vgg1--" in run.name else "finetune"
+        assert f"replay with: transfer {command} --config" in replay and f'name = "{run.name}"' in replay
+        stamp = (run / "model.keras").stat().st_mtime_ns
+        capsys.readouterr()
+        assert main([command, "--config", str(run / "config.toml")]) == 0
+        assert "already complete" in capsys.readouterr().out  # the same config: the very same run
+        assert (run / "model.keras").stat().st_mtime_ns == stamp
+
+
 def test_seeds_give_mean_and_std_of_real_runs(tmp_path, capsys):
     assert _compare(tmp_path, "--baselines", "lenet5", "--seeds", "2", "--name", "two-seeds") == 0
     board = json.loads((tmp_path / "reports" / "two-seeds" / "leaderboard.json").read_text())

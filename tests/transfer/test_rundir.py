@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -62,9 +63,16 @@ def test_missing_and_incomplete_runs_are_one_line_errors(tmp_path):
     assert not rundir.is_complete(tmp_path / "half")
 
 
-def test_write_json_is_atomic_and_readable_by_others(tmp_path):
+def test_write_json_is_atomic_and_readable_by_others_as_the_umask_says(tmp_path):
     path = tmp_path / "x" / "data.json"
-    rundir.write_json(path, {"b": 1, "a": [1, 2]})
-    assert rundir.read_json(path) == {"a": [1, 2], "b": 1}
-    assert path.stat().st_mode & 0o044 == 0o044  # group and others can read (a container's non-root user)
+    old = os.umask(0o022)
+    try:
+        rundir.write_json(path, {"b": 1, "a": [1, 2]})
+        assert path.stat().st_mode & 0o777 == 0o644  # group and others can read (a container's non-root user)
+        os.umask(0o077)
+        rundir.write_json(path, {"private": True})
+        assert path.stat().st_mode & 0o777 == 0o600  # a user who asked for private files gets them
+    finally:
+        os.umask(old)
+    assert rundir.read_json(path) == {"private": True}
     assert [p.name for p in path.parent.iterdir()] == ["data.json"]

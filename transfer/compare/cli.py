@@ -88,6 +88,7 @@ def run_compare(settings) -> CompareResult:
     from transfer.compare.report import print_table, write_report
     from transfer.config import ModelConfig, RunConfig
     from transfer.data import load_dataset
+    from transfer.options import replay_options
     from transfer.recipes import finetune_recipe
     from transfer.runner import execute
 
@@ -112,6 +113,15 @@ def run_compare(settings) -> CompareResult:
                 augment, cell_train = settings.augment, train
             run_cfg = RunConfig(artifacts=top.artifacts, name=f"{report}--{cell.name}--s{seed}",
                                 overwrite=settings.overwrite, strategy=settings.strategy)
+            # Every cell writes a config.toml that replays it alone with `transfer finetune|baseline --config`.
+            if cell.kind == "baseline":
+                command = "baseline"
+                options = replay_options(data_cfg, augment, cell_train, run_cfg,
+                                         extra={"model": row.name, "protocol": "seeds"})
+            else:
+                command = "finetune"
+                options = replay_options(recipe.model_config, data_cfg, augment, cell_train, run_cfg)
+            run_cfg = dataclasses.replace(run_cfg, command=command, options=tuple(sorted(options.items())))
             jobs.append((cell, seed, recipe, augment, cell_train, run_cfg))
 
     fingerprint = load_dataset(data_cfg).fingerprint()

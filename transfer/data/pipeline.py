@@ -66,4 +66,9 @@ def make_pipeline(
         x = tf.cast(x, tf.float32)  # after batching: the cache and shuffle buffer hold uint8
         return (x if augmenter is None else augmenter(x, training=True)), y
 
-    return ds.batch(batch_size).map(to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    # Keras' random layers draw from seed-generator state that every call advances: batches augmented side by side
+    # would advance it in whatever order the threads run, so the same seed gave other augmentations (and another
+    # history) on every run. Augmenting one batch at a time keeps the draws in batch order; prefetch still overlaps
+    # it with training, and each batch's ops use TensorFlow's intra-op threads.
+    parallel = tf.data.AUTOTUNE if augmenter is None else None
+    return ds.batch(batch_size).map(to_float, num_parallel_calls=parallel).prefetch(tf.data.AUTOTUNE)
