@@ -26,7 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "transfer.pipeline.cli",
 )
 # Commands that must work without TensorFlow (the serving image has none): never import it for them.
-TF_FREE = frozenset({"serve", "predict", "backbones"})
+TF_FREE = frozenset({"serve", "predict", "backbones", "datasets"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backbones", help="list the backbone registry")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser("datasets", help="list the dataset sources --dataset can name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_datasets)
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
@@ -147,6 +151,15 @@ def cmd_backbones(args) -> int:
         return 0
     print("hub:<url | Kaggle handle | SavedModel dir>  TF Hub image feature-vector model "
           "(inputs scaled to [0, 1]; --unfreeze 0 or all)")
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from transfer.data.sources import SOURCES
+    from transfer.render import print_rows
+
+    rows = [{"name": source.name, "description": source.describe()} for source in SOURCES]
+    print_rows(rows, [("name", "name", "<15"), ("description", "description", "")], as_json=args.json)
     return 0
 
 

@@ -154,7 +154,7 @@ class AugmentConfig:
 class DataConfig:
     """Which dataset to load and how to split it; invalid values raise UserError on construction."""
 
-    dataset: str = option("synthetic", "cifar10 | cifar100 | mnist | fashion_mnist | folder:PATH | synthetic")
+    dataset: str = option("synthetic", "a dataset source (see `transfer datasets`): digits, cifar10, folder:PATH, ...")
     data_dir: str | None = option(None, "pre-downloaded copy of a Keras dataset (air-gapped machines)")
     val_split: float = option(0.1, "fraction of training data held out for validation")
     test_split: float = option(0.1, "fraction held out for test (folder datasets without a test/ sub-folder)")

@@ -22,7 +22,17 @@ import numpy as np
 from transfer.config import DataConfig
 from transfer.data.copies import FASHION_FILES, RawData, read_cifar, read_fashion_mnist, read_mnist
 from transfer.data.folders import FOLDER_PREFIX, load_folder
-from transfer.data.splits import SEED_SYNTH_TEST, SEED_SYNTH_TRAIN, SEED_VAL, Dataset, Split, assemble, carve, share
+from transfer.data.splits import (
+    SEED_SYNTH_TEST,
+    SEED_SYNTH_TRAIN,
+    SEED_TEST,
+    SEED_VAL,
+    Dataset,
+    Split,
+    assemble,
+    carve,
+    share,
+)
 from transfer.data.synthetic import SYNTHETIC_CLASSES, synthetic_images
 from transfer.errors import UserError, unknown
 
@@ -47,7 +57,7 @@ class DatasetSource(Protocol):
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_split(x: np.ndarray, y: np.ndarray, source: KerasDataset | SyntheticSource, where: str) -> Split:
+def _as_split(x: np.ndarray, y: np.ndarray, source, where: str) -> Split:
     """Keras-style arrays -> a Split (greyscale to RGB, labels flattened), checked against the registry row."""
     x = np.asarray(x)
     if x.ndim == 3:
@@ -166,6 +176,48 @@ class SyntheticSource:
         return _official_splits(self, raw, "built-in", cfg)
 
 
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The UCI handwritten digits that ship inside scikit-learn: 1,797 real 8x8 greyscale scans, 16 grey levels."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise UserError('--dataset digits needs scikit-learn, which ships the images: pip install -e ".[data]" '
+                        "(or scikit-learn)") from exc
+    digits = load_digits()
+    x = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    return np.repeat(x[..., None], 3, axis=-1), digits.target.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class BundledDataset:
+    """Real images that ship inside an installed package (no download, no --data-dir): one labelled set, from which
+    test and validation splits are carved, seeded and stratified, as from a folder without test/."""
+
+    name: str
+    classes: tuple[str, ...]
+    native_shape: tuple[int, int, int]
+    arrays: Callable[[], tuple[np.ndarray, np.ndarray]]  # (uint8 NHWC RGB images, int labels)
+    origin: str  # what the images are and which package carries them
+
+    def matches(self, dataset: str) -> bool:
+        return dataset.strip().lower() == self.name
+
+    def describe(self) -> str:
+        height, width, _ = self.native_shape
+        return f"{self.origin}; {len(self.classes)} classes, {height}x{width}, no download"
+
+    def load(self, cfg: DataConfig) -> Dataset:
+        x, y = self.arrays()
+        whole = _as_split(x, y, self, self.origin)
+        n_val, n_test = share(len(whole), cfg.val_split), share(len(whole), cfg.test_split)  # both of the whole
+        rest, test = carve(whole, n_test, (cfg.seed, SEED_TEST), self.classes, "test")
+        train, val = carve(rest, n_val, (cfg.seed, SEED_VAL), self.classes, "val")
+        info = {"source": self.origin, "skipped": {"count": 0, "files": []}}
+        sources = {"val": "carved from the set", "test": "carved from the set"}
+        return assemble(self.name, self.classes, {"train": train, "val": val, "test": test}, self.native_shape,
+                        cfg, info, sources)
+
+
 @dataclass(frozen=True)
 class FolderSource:
     """``folder:PATH``: a folder of class sub-folders (see :mod:`transfer.data.folders`)."""
@@ -263,6 +315,13 @@ SOURCES: tuple[DatasetSource, ...] = (
         read_dir=read_fashion_mnist,
         data_files=(" + ".join(FASHION_FILES),),
         cache_entries=("fashion-mnist",),
+    ),
+    BundledDataset(
+        name="digits",
+        classes=tuple(str(digit) for digit in range(10)),
+        native_shape=(8, 8, 3),
+        arrays=_sklearn_digits,
+        origin="UCI handwritten digits bundled with scikit-learn",
     ),
     SyntheticSource(),
     FolderSource(),
