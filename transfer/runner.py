@@ -180,8 +180,8 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
         + f" (best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}, "
         f"{result.epochs_run} epochs, {result.train_seconds:.0f}s training)\n"
         f"run directory: {run_path}\n"
-        f"  model.keras, manifest.json, evaluation.json, history.csv, plots/, logs/ "
-        f"(tensorboard --logdir {run_path / 'logs'})"
+        f"  model.keras, manifest.json, evaluation.json, history.csv, plots/"
+        + (f", logs/ (tensorboard --logdir {run_path / 'logs'})" if train_cfg.tensorboard else "")
     )
     return run_path
 
@@ -200,20 +200,20 @@ def training_pipelines(dataset, augment_cfg, train_cfg: TrainConfig):
     return train_ds, val_ds, -(-len(dataset.train.y) // train_cfg.batch_size)
 
 
-def reevaluate(run_path: Path, split: str = "test") -> dict:
+def reevaluate(run_path: Path, split: str = "test", *, trust_hub: bool = False) -> dict:
     """Load a complete run's model, rebuild its data split from the stored config and evaluate again.
 
-    Refuses when the rebuilt split differs from the one the run was trained on (dataset fingerprint).
+    The model is loaded first, by the one safe loader (:func:`transfer.runmodel.load_run_model`; ``trust_hub`` is
+    ``--trust-hub-handle``), so a refused model costs no data loading. Refuses when the rebuilt split differs from
+    the one the run was trained on (dataset fingerprint).
     """
-    import keras
-
-    import transfer.layers  # noqa: F401  (registers the custom layers for loading)
     from transfer.data import load_run_dataset
     from transfer.evaluate import evaluate
+    from transfer.runmodel import load_run_model
 
     manifest = rundir.load_complete(run_path)
+    model = load_run_model(run_path, trust_hub=trust_hub)
     dataset = load_run_dataset(manifest, run_path)
-    model = keras.models.load_model(run_path / rundir.MODEL)
     evaluation = evaluate(model, getattr(dataset, split), dataset.classes, manifest["config"]["train"]["batch_size"])
     evaluation["split"] = split
     if split == "test":
