@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,11 @@ def bench(export_dir: Path, settings: BenchConfig | None = None) -> dict:
         results[name] = result
         if row is None or entry.get(STATUS_KEY) == FAILED_EXPORT or not export.path_of(name).exists():
             continue
+        refused = export.untrusted(name)  # only an artifact whose sha256 the manifest lists is loaded
+        if refused:
+            result["error"] = f"not loaded: {refused}"
+            print(f"bench: {name} not loaded: {refused}", file=sys.stderr, flush=True)
+            continue
         print(f"bench: {name}", flush=True)
         t0 = time.perf_counter()
         predictor = row.load(export.path_of(name), num_threads=threads)
@@ -93,7 +99,7 @@ def format_table(report: dict) -> str:
             line += (f"{r['load_seconds']:>8.2f}{b1['p50_ms']:>8.2f}{b1['p90_ms']:>7.2f}{b1['p99_ms']:>7.2f}"
                      f"{b32['p50_ms']:>9.2f}{b32['p90_ms']:>8.2f}{b32['p99_ms']:>8.2f}{b32['throughput_ips']:>8.0f}")
         else:
-            line += f"{'-':>8}" * 1 + " (not loadable)"
+            line += f"{'-':>8}" * 1 + (" (not loaded: sha256)" if r.get("error") else " (not loadable)")
         acc = r.get("accuracy")
         line += f"{acc:>8.4f}" if acc is not None else f"{'-':>8}"
         lines.append(line)

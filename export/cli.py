@@ -23,11 +23,15 @@ def register(subparsers) -> None:
     add_config_args(p, ExportOptions, unset=True)  # unset: a format option given for no chosen format is refused
     p.add_argument("--no-verify", action="store_true", help="skip parity verification")
     p.add_argument("--verify-samples", type=int, help="verify on the first N test images (default: all)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an export of another run at --out (re-exporting the same run needs no flag)")
+    _add_trust_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("verify", help="re-verify the artifacts of an export directory against their run")
     p.add_argument("export_dir")
     p.add_argument("--verify-samples", type=int, help="verify on the first N test images (default: all)")
+    _add_trust_flag(p)
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser("bench", help="latency, throughput and size of every artifact in an export directory")
@@ -35,6 +39,12 @@ def register(subparsers) -> None:
     add_config_args(p, BenchConfig)
     p.add_argument("--json", action="store_true", help=f"print {BENCH} instead of the table")
     p.set_defaults(func=cmd_bench)
+
+
+def _add_trust_flag(p) -> None:
+    p.add_argument("--trust-hub-handle", dest="trust_hub", action="store_true",
+                   help="let a Hub layer of the run's model.keras load its module from its recorded handle, outside "
+                        "the run directory, or run file/network ops (only for runs you trust; see docs/security.md)")
 
 
 def _finish(result, command: str) -> int:
@@ -59,7 +69,7 @@ def cmd_export(args) -> int:
     flags = {f.name: flag_of(f) for f in cli_fields(ExportOptions)}
     cfg = ExportConfig(run_dir=args.run_dir, formats=args.formats, quantize=args.quantize, out=args.out,
                        options=options, given_options={k: flags[k] for k in values}, verify=not args.no_verify,
-                       verify_samples=args.verify_samples)
+                       verify_samples=args.verify_samples, overwrite=args.overwrite, trust_hub=args.trust_hub)
     result = run_export(cfg)
     if result.reports:
         print(format_table(result.reports))
@@ -71,7 +81,7 @@ def cmd_verify(args) -> int:
     from export.exporter import reverify
     from export.verify import format_table
 
-    result = reverify(Path(args.export_dir), args.verify_samples)
+    result = reverify(Path(args.export_dir), args.verify_samples, trust_hub=args.trust_hub)
     print(format_table(result.reports))
     return _finish(result, "verify")
 

@@ -201,18 +201,33 @@ class ExportDir:
 
     def sha256_matches(self, fmt: str) -> bool:
         """Whether ``fmt``'s artifact exists and has the sha256 its entry records."""
+        return self.untrusted(fmt) is None
+
+    def untrusted(self, fmt: str) -> str | None:
+        """Why ``fmt``'s artifact must not be loaded, or None when it may: only an artifact whose sha256 the manifest
+        lists, unchanged, is ever loaded (a missing file, an unlisted sha256 or another one are refused)."""
         path = self.path_of(fmt)
-        return path.exists() and sha256_of(path) == self.entry(fmt).get(SHA256_KEY)
+        if not path.exists():
+            return f"{path.name} is missing"
+        expected = self.entry(fmt).get(SHA256_KEY)
+        if not expected:
+            return f"{MANIFEST} lists no sha256 for {path.name}"
+        if sha256_of(path) != expected:
+            return f"{path.name} does not match the sha256 in {MANIFEST} (corrupt or replaced)"
+        return None
 
     def check_sha256(self, fmt: str) -> str:
-        """The sha256 of ``fmt``'s artifact; a UserError when it is missing or differs from the manifest's."""
+        """The sha256 of ``fmt``'s artifact; a UserError when it is missing, unlisted or differs from the manifest's."""
         path = self.path_of(fmt)
         if not path.exists():
             raise UserError(f"{self.path} has no {fmt} model ({path.name}); export it with "
                             f"`transfer export RUN_DIR --formats {fmt}`")
         digest = sha256_of(path)
         expected = self.entry(fmt).get(SHA256_KEY)
-        if expected and expected != digest:
+        if not expected:
+            raise UserError(f"{path} has no sha256 in its manifest (only listed artifacts are loaded); re-export with "
+                            f"`transfer export RUN_DIR --formats {fmt}`")
+        if expected != digest:
             raise UserError(f"{path} does not match the sha256 in its manifest (corrupt or replaced); re-export")
         return digest
 

@@ -6,9 +6,12 @@ loaded and described is its row in export.formats. This module only runs the row
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import re
 import shutil
+import socket
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +59,8 @@ class ExportConfig:
     given_options: dict = field(default_factory=dict)  # ExportOptions field -> flag the user passed
     verify: bool = True
     verify_samples: int | None = None
+    overwrite: bool = False  # replace an export of another run at ``out``
+    trust_hub: bool = False  # --trust-hub-handle: let a Hub layer load its module from outside the run directory
 
 
 @dataclass
@@ -93,26 +98,168 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _install(tmp: Path, dest: Path) -> None:
-    """Put a finished artifact in place; an older copy is removed only once the new one is there."""
-    if dest.is_dir():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dest)
-
-
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    elif path.exists():
+    elif path.exists() or path.is_symlink():
         path.unlink()
 
 
+# ---------------------------------------------------------------------------------------------- the export directory
+# An export is built whole in a staging directory beside its destination, ``.<name>.export-<host>-<pid>``, and swapped
+# in with two renames (the old directory goes to ``.<name>.old-<host>-<pid>`` and is removed), so a directory never
+# mixes two exports: a reader sees the old export or the new one. A killed export leaves its staging directory; the
+# next export to the same destination removes it once its process is gone (and finishes an interrupted swap).
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname()) or "host"
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>export|old)-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)$")
+
+
+def _temporary(out: Path, kind: str, pid: int | None = None) -> Path:
+    return out.parent / f".{out.name}.{kind}-{_HOST}-{os.getpid() if pid is None else pid}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def clean_stale(out: str | os.PathLike) -> list[Path]:
+    """Remove what killed exports to ``out`` left beside it (their process, on this host, is gone); an export
+    killed between the two renames of its swap is finished (the complete new one, else the old one, put back).
+    Returns the paths removed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    stale: dict[int, dict[str, Path]] = {}
+    for entry in out.parent.iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if match and match["name"] == out.name and match["host"] == _HOST and not _alive(int(match["pid"])):
+            stale.setdefault(int(match["pid"]), {})[match["kind"]] = entry
+    removed = []
+    for kinds in stale.values():
+        if "old" in kinds and not os.path.lexists(out):
+            staged = kinds.get("export")
+            keep = staged if staged is not None and (staged / MANIFEST).is_file() else kinds["old"]
+            os.replace(keep, out)
+            kinds = {k: v for k, v in kinds.items() if v != keep}
+        for path in kinds.values():
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+class _Staging:
+    """The staging directory of one export (see above): ``open``, fill ``path``, then ``commit`` or ``discard``."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = _temporary(out, "export")
+        self.created: list[Path] = []  # parent directories this export made (removed again if it fails)
+
+    def open(self) -> Path:
+        try:
+            missing = [p for p in [self.out.absolute().parent, *self.out.absolute().parent.parents] if not p.exists()]
+            for parent in reversed(missing):
+                parent.mkdir()
+                self.created.append(parent)
+            _remove(self.path)
+            self.path.mkdir()
+        except OSError as exc:
+            self.discard()
+            raise UserError(f"export directory '{self.out}' is not writable ({exc.strerror or exc}); "
+                            "pass --out DIR (a directory you can write)") from exc
+        return self.path
+
+    def commit(self) -> None:
+        old = None
+        if os.path.lexists(self.out):
+            old = _temporary(self.out, "old")
+            os.replace(self.out, old)
+        os.replace(self.path, self.out)
+        if old is not None:
+            _remove(old)
+
+    def discard(self) -> None:
+        _remove(self.path)
+        for parent in reversed(self.created):
+            with contextlib.suppress(OSError):  # not empty: someone else put something there
+                parent.rmdir()
+
+
+def _previous_export(out: Path, run_dir: Path, source: dict, overwrite: bool) -> dict | None:
+    """The manifest of the export at ``out`` when it is one of this very run (its formats may be kept), else None;
+    a directory holding anything else is refused (another run's export without ``overwrite``, or not an export)."""
+    if not os.path.lexists(out):
+        return None
+    if not out.is_dir():
+        raise UserError(f"export directory '{out}' is a file; pass --out DIR")
+    previous = contract.read_manifest(out)
+    if previous is None:
+        if any(out.iterdir()):
+            raise UserError(f"export directory '{out}' is not empty and holds no export (no {MANIFEST} with an "
+                            f"'{SECTION}' section); pass --out NEW_DIR (nothing there is touched)")
+        return None
+    recorded = previous[SECTION].get(SOURCE_RUN)
+    same_manifest = {k: v for k, v in previous.items() if k != SECTION} == source
+    same_path = bool(recorded) and Path(recorded) == run_dir.resolve()
+    if not (same_manifest or same_path):
+        if overwrite:
+            return None
+        raise UserError(f"export directory '{out}' holds an export of another run ({recorded or 'unrecorded'}); "
+                        "pass --overwrite to replace it, or --out DIR for another directory")
+    if not same_manifest:
+        print(f"export: {out} holds an export of an earlier training of this run; it is replaced whole", flush=True)
+        return None
+    return None if overwrite else previous
+
+
+def _link_or_copy(src: str, dest: str) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def _keep_previous(previous: dict, out: Path, stage: Path, rows: list[Format]) -> tuple[dict, dict]:
+    """The entries and parity reports of the previous export (same run) for formats not exported again; their
+    artifacts are linked into ``stage`` when they still match their sha256 (else they are dropped, with a note)."""
+    redone = {row.name for row in rows}
+    reports = contract.read_reports(out) or {}
+    entries, kept_reports = {}, {}
+    root = out.resolve()
+    for name, entry in (previous[SECTION].get(FORMATS_KEY) or {}).items():
+        if name in redone or not isinstance(entry, dict):
+            continue
+        if entry.get(STATUS_KEY) != FAILED_EXPORT:
+            file = entry.get(FILE_KEY) or ""
+            src = (out / file).resolve()
+            if not (file and root in src.parents and src.exists() and entry.get(SHA256_KEY) == sha256_of(src)):
+                print(f"export: {name} of the earlier export is dropped (its file is missing or does not match "
+                      "its sha256)", flush=True)
+                continue
+            if src.is_dir():
+                shutil.copytree(src, stage / file, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(str(src), str(stage / file))
+        entries[name] = entry
+        if name in reports:
+            kept_reports[name] = reports[name]
+    return entries, kept_reports
+
+
 def run_export(cfg: ExportConfig) -> ExportResult:
-    """Export a complete run; failures of single formats are recorded, never raised."""
+    """Export a complete run; failures of single formats are recorded, never raised.
+
+    The export is built in a staging directory and swapped in whole (see above); anything refused or raised
+    leaves the destination as it was and nothing half-written. Re-exporting the same run keeps the formats not
+    exported again; a destination holding another run's export is refused unless ``cfg.overwrite``.
+    """
     run_dir = Path(cfg.run_dir)
     source = rundir.load_complete(run_dir)
     rows = select_formats(cfg.formats, cfg.quantize)
@@ -122,8 +269,24 @@ def run_export(cfg: ExportConfig) -> ExportResult:
     if cfg.options.opset is not None and not 7 <= cfg.options.opset <= 18:
         raise UserError(f"--opset {cfg.options.opset} is outside what tf2onnx supports (7..18)")
     out = Path(cfg.out) if cfg.out else default_out(run_dir, source["name"])
-    rundir.ensure_writable(out)
+    clean_stale(out)
+    previous = _previous_export(out, run_dir, source, cfg.overwrite)
+    staging = _Staging(out)
+    stage = staging.open()
+    try:
+        manifest, reports = _export_into(stage, out, cfg, run_dir, source, rows, previous)
+        staging.commit()
+    except BaseException:
+        staging.discard()
+        raise
+    return ExportResult(out, manifest, reports)
 
+
+def _export_into(stage: Path, out: Path, cfg: ExportConfig, run_dir: Path, source: dict, rows: list[Format],
+                 previous: dict | None) -> tuple[dict, dict]:
+    from transfer.runmodel import load_run_model
+
+    model = load_run_model(run_dir, trust_hub=cfg.trust_hub)  # refused models stop here, before any data is read
     from transfer.data import load_run_dataset
 
     needs_calibration = any(r.needs_calibration for r in rows)
@@ -135,53 +298,40 @@ def run_export(cfg: ExportConfig) -> ExportResult:
         def calibration(n):
             return calibration_images(dataset.train.x, n, seed=source["config"]["train"].get("seed", 0))
 
-    import keras
-
-    import transfer.layers  # noqa: F401  (registers the custom layers for loading)
-
-    model = keras.models.load_model(run_dir / rundir.MODEL)
     classes = list(source["classes"])
-    labels_tmp = out / f".{LABELS}.tmp"
-    labels_tmp.write_text("\n".join(classes) + "\n")
-    os.replace(labels_tmp, out / LABELS)
-
-    previous = (contract.read_manifest(out) or {}).get(SECTION, {}).get(FORMATS_KEY, {})
-    work = out / f".work-{os.getpid()}"
-    work.mkdir(parents=True, exist_ok=True)
+    (stage / LABELS).write_text("\n".join(classes) + "\n")
+    entries, reports = _keep_previous(previous, out, stage, rows) if previous else ({}, {})
+    work = stage / ".work"
     ctx = ExportContext(model, work, calibration)
-    entries: dict[str, dict] = {}
     predictors = {}
     try:
         for row in rows:
             print(f"export: {row.name} -> {out / row.file}", flush=True)
-            entries[row.name], predictors[row.name] = _export_one(row, ctx, out, cfg.options, classes)
+            entries[row.name], predictors[row.name] = _export_one(row, ctx, stage, cfg.options, classes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    reports = {}
+    new_reports = {}
     if cfg.verify:
-        reports = _verify_all(model, predictors, dataset, entries, cfg.verify_samples)
-        _write_reports(out, run_dir.resolve(), reports)
-    manifest = _manifest(source, run_dir, {**previous, **entries}, cfg.verify)
-    rundir.write_json(out / MANIFEST, manifest)
-    return ExportResult(out, manifest, reports)
+        new_reports = _verify_all(model, predictors, dataset, entries, cfg.verify_samples)
+    if cfg.verify or reports:
+        _write_reports(stage, run_dir.resolve(), {**reports, **new_reports})
+    manifest = _manifest(source, run_dir, entries, cfg.verify)
+    rundir.write_json(stage / MANIFEST, manifest)  # written last: a staging directory with it is complete
+    return manifest, new_reports
 
 
-def _export_one(row: Format, ctx: ExportContext, out: Path, options: ExportOptions, classes: list[str]):
-    dest = out / row.file
-    tmp = out / f".{row.file}.tmp-{os.getpid()}"
-    _remove(tmp)
+def _export_one(row: Format, ctx: ExportContext, stage: Path, options: ExportOptions, classes: list[str]):
+    dest = stage / row.file
     try:
-        facts = row.export(ctx, tmp, options) or {}
+        facts = row.export(ctx, dest, options) or {}
         if row.embed_labels is not None:
-            facts[LABELS_KEY] = row.embed_labels(tmp, classes)
-        predictor = row.load(tmp)  # proves the artifact loads in its runtime before it replaces anything
-        _install(tmp, dest)
-        predictor = row.load(dest)
+            facts[LABELS_KEY] = row.embed_labels(dest, classes)
+        predictor = row.load(dest)  # proves the artifact loads in its runtime
         if row.describe is not None:
             facts.update(row.describe(dest, predictor))
     except Exception as exc:  # one format failing must not stop the others: record it (traceback kept) and go on
-        _remove(tmp)
+        _remove(dest)
         print(f"export: {row.name} failed: {_one_line(exc)} (traceback in the manifest's entry)", flush=True)
         return {FILE_KEY: row.file, STATUS_KEY: FAILED_EXPORT, "error": _one_line(exc),
                 "traceback": traceback.format_exc()}, None
@@ -251,11 +401,14 @@ def _write_reports(out: Path, run_dir: Path, reports: dict) -> None:
     rundir.write_json(out / VERIFY, {"split": "test", SOURCE_RUN: str(run_dir), FORMATS_KEY: reports})
 
 
-def reverify(export_dir: Path, limit: int | None = None) -> ExportResult:
-    """Verify the artifacts already in an export directory against their source run again."""
-    import keras
+def reverify(export_dir: Path, limit: int | None = None, *, trust_hub: bool = False) -> ExportResult:
+    """Verify the artifacts already in an export directory against their source run again.
 
-    import transfer.layers  # noqa: F401
+    The source run's model is loaded by the one safe loader (``trust_hub`` is ``--trust-hub-handle``). An artifact
+    is loaded only when its sha256 is the one the manifest lists; one without a listed sha256, or with another,
+    fails verification unloaded.
+    """
+    from transfer.runmodel import load_run_model
 
     export = ExportDir.open(export_dir, check_name=False)
     manifest = export.manifest
@@ -264,14 +417,20 @@ def reverify(export_dir: Path, limit: int | None = None) -> ExportResult:
         raise UserError(f"{export.path / MANIFEST} records no {SOURCE_RUN}; export the run again with "
                         "`transfer export RUN_DIR`")
     source = rundir.load_complete(run_dir)
+    model = load_run_model(run_dir, trust_hub=trust_hub)
     from transfer.data import load_run_dataset
 
     dataset = load_run_dataset(source, run_dir, "pass --no-verify")
-    model = keras.models.load_model(run_dir / rundir.MODEL)
     entries = export.formats()
     predictors = {}
     for name, entry in entries.items():
         if entry.get(STATUS_KEY) == FAILED_EXPORT or name not in FORMATS:
+            continue
+        refused = export.untrusted(name)
+        entry["sha256_matches"] = refused is None
+        if refused:
+            predictors[name] = None
+            entry["error"] = f"not loaded: {refused}"
             continue
         try:
             predictors[name] = FORMATS[name].load(export.path_of(name))
@@ -279,7 +438,6 @@ def reverify(export_dir: Path, limit: int | None = None) -> ExportResult:
             predictors[name] = None
             entry["error"] = f"cannot load: {_one_line(exc)}"
             entry["traceback"] = traceback.format_exc()
-        entry["sha256_matches"] = export.sha256_matches(name)
     reports = _verify_all(model, predictors, dataset, entries, limit)
     for name, predictor in predictors.items():
         if predictor is None:

@@ -8,6 +8,7 @@ Every backbone kind answers the same questions, so nothing else branches on the 
 - ``resolve_unfreeze(layer, unfreeze)``: the ``--unfreeze`` value as this backbone honours it (``blocks:N`` as a layer
   count); ``set_trainable(layer, unfreeze, freeze_bn)``: apply it, returning the trainable weight-bearing layers
 - ``weights_cached(size)``: whether ImageNet weights are already on disk (None where that does not apply)
+- ``facts(layer)``: what the run manifest records about the built layer beyond the common facts
 
 A new kind is one class with these methods and one row of :data:`KINDS`. Nothing here imports TensorFlow or Keras at
 import time; ``build`` and ``set_trainable`` import them when called.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +152,10 @@ class Backbone(_Sized):
             _speed_up_batchnorm(layer)
         return layer
 
+    def facts(self, layer) -> dict:
+        """What the run manifest records about the built layer besides the common facts (nothing here)."""
+        return {}
+
     def resolve_unfreeze(self, layer, unfreeze: Unfreeze) -> Unfreeze:
         """``unfreeze`` checked against the layer's depth, ``blocks:N`` turned into the layer count it covers."""
         return resolve_layer_count(layer, unfreeze, self.name, self.block_of)
@@ -165,7 +171,8 @@ class HubBackbone(_Sized):
     """A TF Hub image feature-vector model: URL, Kaggle handle or local SavedModel directory.
 
     Its weights live in the module (always pretrained); it trains whole or not at all (``--unfreeze 0`` or
-    ``all``). Models that contain one need ``import transfer.layers`` before ``keras.saving.load_model``.
+    ``all``). ``model.keras`` embeds the module; models that contain one load through
+    ``transfer.runmodel.load_run_model``. A module fetched from a URL is pinned by sha256 (transfer.layers).
     """
 
     handle: str
@@ -179,7 +186,7 @@ class HubBackbone(_Sized):
         return HUB_PREFIX + self.handle
 
     def weights_cached(self, size: int | None = None) -> None:
-        return None  # hub modules are cached by tensorflow_hub, per handle
+        return None  # hub modules are cached by tensorflow_hub, per handle (and pinned, see transfer.layers)
 
     def block_of(self, layer_name: str) -> str | None:
         return None
@@ -216,7 +223,18 @@ class HubBackbone(_Sized):
                 "model returning (batch, features)"
             )
         layer.output_dim = int(probe.shape[-1])
+        from transfer.layers import TRUST_FLAG, unsafe_ops
+
+        ops = unsafe_ops(layer._module_dir)
+        if ops:
+            print(f"warning: hub model '{self.handle}' runs ops that reach outside the model "
+                  f"({', '.join(sorted(ops)[:5])}); exporting or evaluating this run will need {TRUST_FLAG}",
+                  file=sys.stderr)
         return layer
+
+    def facts(self, layer) -> dict:
+        """The sha256 of the module the run embeds in model.keras (see transfer.layers.HubFeatureExtractor)."""
+        return {"hub_module_sha256": layer.module_sha256}
 
     def resolve_unfreeze(self, layer, unfreeze: Unfreeze) -> Unfreeze:
         self.check_unfreeze(unfreeze)

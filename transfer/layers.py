@@ -4,16 +4,18 @@ A model built here is self-contained: ``keras.saving.load_model("model.keras")``
 imported this project, because preprocessing is made of built-in layers (:func:`preprocessing_layer`). Two custom
 layers remain registered under the ``transfer>`` package:
 
-- :class:`HubFeatureExtractor` wraps a TF Hub module (there is no built-in Keras 3 layer for one): a model with a Hub
-  backbone needs ``import transfer.layers`` before it is loaded.
+- :class:`HubFeatureExtractor` wraps a TF Hub module (there is no built-in Keras 3 layer for one); ``model.keras``
+  embeds the module, and a model with one loads through :func:`transfer.runmodel.load_run_model` (which checks it).
 - :class:`Preprocess` is kept only so that run directories written before preprocessing moved to built-in layers
   still load; nothing builds it any more.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
+import shutil
 from pathlib import Path
 
 import keras
@@ -81,6 +83,16 @@ class Preprocess(keras.layers.Layer):
 
 
 _KAGGLE_HANDLE = re.compile(r"^[\w.-]+/[\w.-]+/[\w.-]+/[\w.-]+(/\d+)?$")
+HUB_PINS = "hub_pins.json"  # in keras_home(): URL -> sha256 of the module as first fetched
+MODULE_ASSET = "module"  # the Hub SavedModel's folder inside the layer's assets in model.keras
+TRUST_FLAG = "--trust-hub-handle"
+
+# Ops a feature extractor has no business running: file system, Python, network, queues, summaries, checkpoints,
+# debugging dumps. A module whose callable graph holds one is not loaded from a run without the user's opt-in.
+_UNSAFE_OP = re.compile(
+    r"File|Reader|Writer|Summary|PyFunc|Rpc|Dataset|Iterator|Checkpoint|Record|Debug|Dump|Collective|Queue|Barrier"
+    r"|Print|Table|Stage|Infeed|Outfeed|TPU|Tpu|Remap|Proto|Sharded|ImmutableConst|^Save|^Restore|^_?(Host)?(Send|Recv)"
+)
 
 
 def resolve_hub_handle(handle: str) -> str:
@@ -97,42 +109,156 @@ def resolve_hub_handle(handle: str) -> str:
     )
 
 
-def load_hub_module(handle: str):
-    """``hub.load`` with a one-line error for the offline case and for non-Hub directories."""
+def hub_module_dir(handle: str) -> Path:
+    """The local directory of ``handle``'s SavedModel: the directory itself, or tensorflow_hub's cached download.
+
+    A module fetched from the network is pinned: the sha256 of its first download is recorded in
+    ``keras_home()/hub_pins.json``, and a later use whose cached copy differs is refused.
+    """
+    resolved = resolve_hub_handle(handle)
+    if os.path.isdir(resolved):
+        return Path(resolved)
     import tensorflow as tf
     import tensorflow_hub as hub
 
-    resolved = resolve_hub_handle(handle)
     try:
-        return hub.load(resolved)
+        local = Path(hub.resolve(resolved))
     except (OSError, ValueError, tf.errors.OpError) as exc:
-        if os.path.isdir(resolved):
-            raise UserError(
-                f"cannot load '{handle}' as a TF Hub SavedModel ({type(exc).__name__}); "
-                "pass a directory written by tf.saved_model.save with a callable __call__"
-            ) from exc
         raise UserError(
             f"cannot download hub model '{resolved}' (offline?); download it on a connected "
             "machine and pass hub:/path/to/saved_model_dir"
         ) from exc
+    _check_pin(resolved, local)
+    return local
+
+
+def _check_pin(url: str, local: Path) -> None:
+    import json
+
+    from export.contract import sha256_of
+    from transfer.backbones import keras_home
+
+    pins_file = keras_home() / HUB_PINS
+    try:
+        pins = json.loads(pins_file.read_text())
+    except FileNotFoundError:
+        pins = {}
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{pins_file} is unreadable ({exc}); fix or remove it (it pins downloaded hub modules)") \
+            from exc
+    digest = sha256_of(local)
+    pinned = pins.get(url)
+    if pinned is None:
+        from transfer import rundir
+
+        rundir.write_json(pins_file, {**pins, url: digest})
+    elif pinned != digest:
+        raise UserError(
+            f"hub model '{url}' changed since it was first fetched (cached copy {local} has sha256 {digest[:12]}, "
+            f"pinned {pinned[:12]} in {pins_file}); remove the cached copy to fetch it again, or remove its pin "
+            "if the change is expected"
+        )
+
+
+def _load_module(path: Path, handle: str):
+    """``hub.load`` of a local SavedModel directory with a one-line error for non-Hub directories."""
+    import tensorflow as tf
+    import tensorflow_hub as hub
+
+    try:
+        return hub.load(str(path))
+    except (OSError, ValueError, tf.errors.OpError) as exc:
+        raise UserError(
+            f"cannot load '{handle}' as a TF Hub SavedModel ({type(exc).__name__}); "
+            "pass a directory written by tf.saved_model.save with a callable __call__"
+        ) from exc
+
+
+def load_hub_module(handle: str):
+    """``hub.load`` of ``handle`` (see :func:`hub_module_dir`) with one-line errors."""
+    return _load_module(hub_module_dir(handle), handle)
+
+
+def unsafe_ops(saved_model_dir: str | os.PathLike) -> set[str]:
+    """The ops of the SavedModel's restorable functions (those ``tf.saved_model.load`` can call, and their
+    gradients) that touch files, Python, the network or queues (see ``_UNSAFE_OP``); ``{"<unreadable>"}`` when
+    its graph cannot be read. The checkpoint save/restore functions, which load never runs, are not looked at."""
+    from google.protobuf import text_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    folder = Path(saved_model_dir)
+    model = saved_model_pb2.SavedModel()
+    try:
+        if (folder / "saved_model.pb").is_file():
+            model.ParseFromString((folder / "saved_model.pb").read_bytes())
+        else:
+            text_format.Parse((folder / "saved_model.pbtxt").read_text(), model)
+    except Exception:  # any parse failure: a graph we cannot inspect is not trusted
+        return {"<unreadable>"}
+    found = set()
+    for meta in model.meta_graphs:
+        library = {f.signature.name: f for f in meta.graph_def.library.function}
+        pending = list(meta.object_graph_def.concrete_functions)
+        pending += [g.gradient_func for g in meta.graph_def.library.gradient]
+        pending += [g.registered_op_type for g in meta.graph_def.library.registered_gradients]
+        seen = set()
+        while pending:
+            name = pending.pop()
+            if name in seen or name not in library:
+                continue
+            seen.add(name)
+            for node in library[name].node_def:
+                if node.op in library:
+                    pending.append(node.op)
+                elif _UNSAFE_OP.search(node.op):
+                    found.add(node.op)
+                for attr in node.attr.values():
+                    if attr.HasField("func"):
+                        pending.append(attr.func.name)
+                    pending.extend(f.name for f in attr.list.func)
+    return found
+
+
+class _LoadPolicy:
+    """What :class:`HubFeatureExtractor` may load while :func:`transfer.runmodel.load_run_model` deserializes a
+    model: the embedded modules it checked (sha256 -> extracted folder), and whether the user trusts handles."""
+
+    def __init__(self, modules: dict[str, Path], trust_handles: bool, source: str):
+        self.modules = modules
+        self.trust_handles = trust_handles
+        self.source = source
+
+
+LOAD_POLICY: contextvars.ContextVar[_LoadPolicy | None] = contextvars.ContextVar("hub_load_policy", default=None)
 
 
 @keras.saving.register_keras_serializable(package="transfer")
 class HubFeatureExtractor(keras.layers.Layer):
-    """A TF Hub image feature-vector SavedModel wrapped as a Keras 3 layer (registered: models holding one need
-    ``import transfer.layers`` before ``keras.saving.load_model``).
+    """A TF Hub image feature-vector SavedModel wrapped as a Keras 3 layer.
 
     ``tensorflow_hub.KerasLayer`` is a tf_keras layer and cannot join a Keras 3 model; this layer
-    loads the module with ``hub.load`` and tracks its variables as Keras variables (the same
-    objects, not copies), so ``trainable=True`` fine-tunes the module's own variables and
-    ``model.keras`` saves them. The module always runs in inference mode so its BatchNorm
+    loads the module with ``hub.load`` and tracks its variables as Keras variables, so ``trainable=True``
+    fine-tunes them and ``model.keras`` saves them. The module always runs in inference mode so its BatchNorm
     statistics never move.
+
+    Saving embeds the module itself: ``model.keras`` holds a copy of the SavedModel folder among the layer's assets
+    and its sha256 (``module_sha256``) in the layer config, so a run directory never depends on the handle it was
+    trained from. Loading goes through :func:`transfer.runmodel.load_run_model`, which loads only that embedded
+    copy (hash checked, graph checked by :func:`unsafe_ops`); the handle is loaded only when the user opts in
+    (``--trust-hub-handle``). A plain ``keras.saving.load_model`` of such a model is refused.
     """
 
-    def __init__(self, handle: str, output_dim: int | None = None, **kwargs):
+    def __init__(self, handle: str, output_dim: int | None = None, module_sha256: str | None = None, *,
+                 source: str | os.PathLike | None = None, **kwargs):
         super().__init__(**kwargs)
         self.handle = handle
-        self._module = load_hub_module(handle)
+        self._module_dir = Path(source) if source is not None else hub_module_dir(handle)
+        if module_sha256 is None:
+            from export.contract import sha256_of
+
+            module_sha256 = sha256_of(self._module_dir)
+        self.module_sha256 = module_sha256
+        self._module = _load_module(self._module_dir, handle)
         if not callable(self._module):
             raise UserError(f"hub model '{handle}' is not callable; it must be an image feature-vector model")
         self._has_training_arg = _accepts_training(self._module)
@@ -153,6 +279,24 @@ class HubFeatureExtractor(keras.layers.Layer):
         self.output_dim = output_dim
         self.built = True
 
+    @classmethod
+    def from_config(cls, config):
+        """Deserialization: only the module copy :func:`transfer.runmodel.load_run_model` checked, or the handle
+        when the user trusts it; anything else is refused before a graph is loaded."""
+        policy = LOAD_POLICY.get()
+        config = dict(config)
+        digest = config.get("module_sha256")
+        handle = config.get("handle")
+        if policy is not None and digest in policy.modules:
+            return cls(**config, source=policy.modules[digest])
+        if policy is not None and policy.trust_handles:
+            return cls(**config)
+        if policy is None:
+            raise UserError(f"a model with a hub layer ({handle!r}) loads only through "
+                            "transfer.runmodel.load_run_model, which checks the module it embeds")
+        raise UserError(f"{policy.source}: hub layer {config.get('name')!r} would load its module from {handle!r}, "
+                        f"outside the run directory; pass {TRUST_FLAG} if you trust that module")
+
     def call(self, inputs):
         outputs = self._module(inputs, training=False) if self._has_training_arg else self._module(inputs)
         if isinstance(outputs, dict):
@@ -163,7 +307,12 @@ class HubFeatureExtractor(keras.layers.Layer):
         return (input_shape[0], self.output_dim)
 
     def get_config(self):
-        return {**super().get_config(), "handle": self.handle, "output_dim": self.output_dim}
+        return {**super().get_config(), "handle": self.handle, "output_dim": self.output_dim,
+                "module_sha256": self.module_sha256}
+
+    def save_assets(self, dir_path):
+        """Embed the module's SavedModel folder in ``model.keras`` (loaded from there, see the class docstring)."""
+        shutil.copytree(self._module_dir, Path(dir_path) / MODULE_ASSET, dirs_exist_ok=True)
 
 
 def _module_variables(module) -> list:

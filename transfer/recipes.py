@@ -71,6 +71,7 @@ def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> Mode
             "preprocessing": spec.preprocessing,
             "head": head.text,
             "unfreeze": unfreeze.text,
+            **spec.facts(built.backbone),
         }
         if resolved.blocks is not None:
             described["unfreeze_layers"] = resolved.count

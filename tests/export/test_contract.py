@@ -118,8 +118,24 @@ def test_sha256_checks(tmp_path):
     assert not export.sha256_matches("onnx")
     with pytest.raises(UserError, match=r"has no onnx model \(model.onnx\); export it with"):
         export.check_sha256("onnx")
+    assert export.untrusted("onnx") == "model.onnx is missing"
+
+
+def test_an_artifact_the_manifest_lists_no_sha256_for_is_never_loaded(tmp_path):
+    """What serve (check_sha256), verify and bench (untrusted) share: only listed, unchanged artifacts load."""
     unrecorded = ExportDir.open(make_export(tmp_path / "n", formats={"onnx": {"file": "model.onnx"}}))
-    assert unrecorded.check_sha256("onnx") and not unrecorded.sha256_matches("onnx")
+    with pytest.raises(UserError, match=r"has no sha256 in its manifest \(only listed artifacts are loaded\)"):
+        unrecorded.check_sha256("onnx")
+    assert not unrecorded.sha256_matches("onnx")
+    assert unrecorded.untrusted("onnx") == "manifest.json lists no sha256 for model.onnx"
+    unlisted = ExportDir.open(make_export(tmp_path / "u", formats={}))
+    (tmp_path / "u" / "model.tflite").write_bytes(b"dropped here by someone")
+    with pytest.raises(UserError, match="has no sha256 in its manifest"):
+        unlisted.check_sha256("tflite")
+    listed = ExportDir.open(make_export(tmp_path / "l"))
+    assert listed.untrusted("onnx") is None
+    (tmp_path / "l" / "model.onnx").write_bytes(b"replaced")
+    assert "does not match the sha256" in listed.untrusted("onnx")
 
 
 def test_sha256_and_size_of_files_and_directories(tmp_path):
@@ -149,3 +165,49 @@ def test_export_is_current(tmp_path):
     assert not export_is_current(out, tmp_path / "elsewhere", RUN_MANIFEST, ["onnx"])  # another run
     assert not export_is_current(out, run_dir, {**RUN_MANIFEST, "status": "training"}, ["onnx"])  # run changed
     assert not export_is_current(tmp_path / "nothing", run_dir, RUN_MANIFEST, [])
+
+
+def test_stale_temporaries_of_killed_exports_are_cleaned(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from export.exporter import _HOST, clean_stale
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "exports" / "m"
+    make_export(out)
+    staged = out.parent / f".m.export-{_HOST}-{dead.pid}"
+    (staged / "deep").mkdir(parents=True)
+    (staged / "deep" / "model.onnx").write_bytes(b"x" * 1000)
+    live = out.parent / f".m.export-{_HOST}-{os.getpid()}"  # a running export (this process) is left alone
+    other_host = out.parent / f".m.export-otherhost-{dead.pid}"  # maybe running elsewhere (shared disk)
+    other_name = out.parent / f".n.export-{_HOST}-{dead.pid}"  # another destination's
+    for path in (live, other_host, other_name):
+        path.mkdir()
+    assert clean_stale(out) == [staged]
+    assert not staged.exists() and live.exists() and other_host.exists() and other_name.exists()
+    assert (out / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("staged_complete", [True, False])
+def test_an_export_killed_during_its_swap_is_finished(tmp_path, staged_complete):
+    import subprocess
+    import sys
+
+    from export.exporter import _HOST, clean_stale
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "m"
+    old = make_export(tmp_path / f".m.old-{_HOST}-{dead.pid}")
+    staged = tmp_path / f".m.export-{_HOST}-{dead.pid}"
+    staged.mkdir()
+    (staged / "labels.txt").write_text("new\n")
+    if staged_complete:
+        (staged / "manifest.json").write_text("{}")
+    clean_stale(out)
+    assert (out / "labels.txt").read_text() == ("new\n" if staged_complete else "cat\ndog\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert not old.exists()

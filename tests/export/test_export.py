@@ -144,7 +144,7 @@ def test_bench_reports_every_format(tiny_export, capsys):
     assert "tflite_int8" in capsys.readouterr().out
 
 
-def test_tampered_artifact_fails_verification(tiny_export, tmp_path, capsys):
+def test_tampered_artifact_fails_verification_unloaded(tiny_export, tmp_path, capsys):
     import onnx
     from onnx import numpy_helper
 
@@ -161,16 +161,35 @@ def test_tampered_artifact_fails_verification(tiny_export, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "onnx: failed-verification" in err and "tflite" not in err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["export"]["formats"]["onnx"]["status"] == "failed-verification"
-    assert manifest["export"]["formats"]["onnx"]["sha256_matches"] is False
+    onnx_entry = manifest["export"]["formats"]["onnx"]
+    assert onnx_entry["status"] == "failed-verification" and onnx_entry["sha256_matches"] is False
+    assert onnx_entry["error"] == ("not loaded: model.onnx does not match the sha256 in manifest.json "
+                                   "(corrupt or replaced)")
     assert manifest["export"]["formats"]["tflite"]["status"] == "verified"
     assert not json.loads((out / "verify.json").read_text())["formats"]["onnx"]["passed"]
+    assert main(["bench", str(out), "--iterations", "1", "--warmup", "0", "--threads", "1"]) == 0
+    assert "bench: onnx not loaded: model.onnx does not match the sha256" in capsys.readouterr().err
+    report = json.loads((out / "bench.json").read_text())["formats"]
+    assert "batch1" not in report["onnx"] and "batch1" in report["tflite"]
 
 
-def test_a_failing_format_is_recorded_and_keeps_what_was_written(tiny_export, tmp_path, monkeypatch, capsys):
+def test_verify_never_loads_an_artifact_the_manifest_does_not_list(tiny_export, tmp_path, capsys):
+    out = tmp_path / "unlisted"
+    shutil.copytree(tiny_export[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["export"]["formats"]["savedmodel"]["sha256"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["verify", str(out), "--verify-samples", "8"]) == 1
+    assert "savedmodel: failed-verification" in capsys.readouterr().err
+    entry = json.loads((out / "manifest.json").read_text())["export"]["formats"]["savedmodel"]
+    assert entry["error"] == "not loaded: manifest.json lists no sha256 for saved_model"
+
+
+def test_a_failing_format_is_recorded_and_the_rest_of_the_export_is_kept(tiny_export, tmp_path, monkeypatch, capsys):
     out = tmp_path / "partial"
     shutil.copytree(tiny_export[0], out)
-    before = sha256_of(out / "model.onnx")
+    before = sha256_of(out / "model.tflite")
 
     def broken(ctx, dest, options):
         dest.write_bytes(b"half a file")
@@ -180,14 +199,99 @@ def test_a_failing_format_is_recorded_and_keeps_what_was_written(tiny_export, tm
     assert main(["export", tiny_export[1]["export"]["source_run"], "--formats", "onnx", "--out", str(out),
                  "--no-verify"]) == 1
     assert "onnx: failed-export" in capsys.readouterr().err
-    assert sha256_of(out / "model.onnx") == before
+    assert not (out / "model.onnx").exists()  # the directory holds exactly what the manifest lists
     formats = json.loads((out / "manifest.json").read_text())["export"]["formats"]
     trace = formats["onnx"].pop("traceback")  # kept whole, so a bug in an exporter is not flattened to one line
     assert trace.startswith("Traceback") and "converter exploded\nwith a long traceback" in trace
     assert formats["onnx"] == {"file": "model.onnx", "status": "failed-export",
                                "error": "RuntimeError: converter exploded"}
-    assert formats["tflite"]["status"] == "verified"  # formats of the earlier export are kept
+    assert formats["tflite"]["status"] == "verified"  # formats of the earlier export of this run are kept
+    assert sha256_of(out / "model.tflite") == before and ExportDir.open(out).sha256_matches("tflite")
+    assert json.loads((out / "verify.json").read_text())["formats"]["tflite"]["passed"]  # and their reports
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["partial"]
+
+
+def _listing(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_exports_of_two_runs_never_mix(tiny_run, tmp_path, capsys):
+    """Re-exporting a run adds formats; another run's export is refused (one line naming --overwrite) and with
+    --overwrite replaces the directory whole; killed exports' temporaries are cleaned on the way."""
+    import subprocess
+    import sys
+
+    from export.exporter import _HOST
+
+    run_b = tmp_path / "runs" / "other"
+    shutil.copytree(tiny_run, run_b)
+    manifest_b = json.loads((run_b / "manifest.json").read_text())
+    (run_b / "manifest.json").write_text(json.dumps({**manifest_b, "created": "2000-01-01T00:00:00+00:00"}))
+    out = tmp_path / "x"
+    assert main(["export", str(tiny_run), "--formats", "tflite", "--out", str(out), "--verify-samples", "8"]) == 0
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f".work-{dead.pid}").mkdir()  # what killed exports of earlier versions left inside the directory
+    (out / f".model.onnx.tmp-{dead.pid}").write_bytes(b"x" * 1000)
+    (tmp_path / f".x.export-{_HOST}-{dead.pid}").mkdir()  # and what a killed export leaves now
+    assert main(["export", str(tiny_run), "--formats", "savedmodel", "--out", str(out), "--verify-samples", "8"]) == 0
+    formats = json.loads((out / "manifest.json").read_text())["export"]["formats"]
+    assert {n: f["status"] for n, f in formats.items()} == {"tflite": "verified", "savedmodel": "verified"}
+    assert set(json.loads((out / "verify.json").read_text())["formats"]) == {"tflite", "savedmodel"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "x"]
+
+    listing = _listing(out)
+    capsys.readouterr()
+    assert main(["export", str(run_b), "--formats", "tflite", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds an export of another run" in err and "--overwrite" in err
+    assert _listing(out) == listing and sorted(p.name for p in tmp_path.iterdir()) == ["runs", "x"]
+
+    assert main(["export", str(run_b), "--formats", "tflite", "--out", str(out), "--overwrite",
+                 "--verify-samples", "8"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["export"]["source_run"] == str(run_b.resolve())
+    assert list(manifest["export"]["formats"]) == ["tflite"]
+    assert sorted(p.name for p in out.iterdir()) == ["labels.txt", "manifest.json", "model.tflite", "verify.json"]
+    assert list(json.loads((out / "verify.json").read_text())["formats"]) == ["tflite"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "x"]
+
+
+def test_an_interrupted_export_leaves_the_earlier_one_whole(tiny_export, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "kept"
+    shutil.copytree(tiny_export[0], out)
+    listing = {p: sha256_of(out / p) for p in _listing(out) if (out / p).is_file()}
+
+    def interrupted(ctx, dest, options):
+        dest.write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(FORMATS, "tflite", dataclasses.replace(FORMATS["tflite"], export=interrupted))
+    assert main(["export", tiny_export[1]["export"]["source_run"], "--formats", "savedmodel,tflite", "--out",
+                 str(out), "--no-verify"]) == 130
+    assert {p: sha256_of(out / p) for p in _listing(out) if (out / p).is_file()} == listing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
+def test_a_directory_that_is_not_an_export_is_never_replaced(tiny_run, tmp_path, capsys):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"precious")
+    for extra in ([], ["--overwrite"]):
+        assert main(["export", str(tiny_run), "--formats", "tflite", "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not empty and holds no export" in err and "--out" in err
+    assert _listing(out) == ["holiday.jpg"] and sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+def test_an_out_directory_that_is_not_writable_names_out(tiny_run, capsys):
+    assert main(["export", str(tiny_run), "--formats", "tflite", "--out", "/proc/x/y"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "export directory '/proc/x/y' is not writable" in err
+    assert "pass --out DIR" in err and "--artifacts" not in err
 
 
 @pytest.mark.parametrize(

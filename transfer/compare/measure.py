@@ -12,19 +12,23 @@ from transfer.compare.ranking import mean_std
 from transfer.errors import UserError
 
 
-def measure_latency(model_path: Path, shape: list[int], runs: int = 30, warmup: int = 5) -> float:
+def measure_latency(model_path: Path, shape: list[int], runs: int = 30, warmup: int = 5, *,
+                    trust_hub: bool = False) -> float:
     """Median milliseconds of ``model(x)`` on one native-size image after ``warmup`` calls.
 
-    The call is traced once (``tf.function``), as SavedModel/serving run it: eager dispatch would otherwise add a
-    per-layer overhead that punishes deep models for something no deployment pays.
+    ``model_path`` is a run's ``model.keras``, loaded by the one safe loader (:func:`transfer.runmodel.load_run_model`;
+    ``trust_hub`` is ``--trust-hub-handle``). The call is traced once (``tf.function``), as SavedModel/serving run it:
+    eager dispatch would otherwise add a per-layer overhead that punishes deep models for something no deployment pays.
     """
-    import keras
     import numpy as np
     import tensorflow as tf
 
-    import transfer.layers  # noqa: F401  (registers the custom layers for loading)
+    from transfer.runmodel import load_run_model
 
-    model = keras.models.load_model(model_path, compile=False)
+    model_path = Path(model_path)
+    if model_path.name != rundir.MODEL:
+        raise UserError(f"{model_path} is not a run's {rundir.MODEL}")
+    model = load_run_model(model_path.parent, trust_hub=trust_hub)
     call = tf.function(lambda t: model(t, training=False))
     x = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, *shape)).astype("float32"))
     for _ in range(max(warmup, 1)):
@@ -37,8 +41,9 @@ def measure_latency(model_path: Path, shape: list[int], runs: int = 30, warmup: 
     return statistics.median(times)
 
 
-def collect_row(cell: Cell, run_paths: list[Path], latency_runs: int) -> dict:
-    """A leaderboard row from the runs' own manifest.json and evaluation.json (seeds aggregated)."""
+def collect_row(cell: Cell, run_paths: list[Path], latency_runs: int, *, trust_hub: bool = False) -> dict:
+    """A leaderboard row from the runs' own manifest.json and evaluation.json (seeds aggregated); ``trust_hub``
+    goes to :func:`measure_latency`."""
     manifests = [rundir.load_complete(p) for p in run_paths]
     evaluations = [rundir.read_json(p / rundir.EVALUATION) for p in run_paths]
     accuracy, accuracy_std = mean_std([e["accuracy"] for e in evaluations])
@@ -64,7 +69,8 @@ def collect_row(cell: Cell, run_paths: list[Path], latency_runs: int) -> dict:
         "size_bytes": first["model"]["size_bytes"],
         "train_seconds": statistics.fmean(m["timings"]["train_seconds"] for m in manifests),
         "epochs_run": [m["metrics"]["epochs_run"] for m in manifests],
-        "latency_ms": measure_latency(run_paths[0] / rundir.MODEL, first["input"]["shape"], latency_runs),
+        "latency_ms": measure_latency(run_paths[0] / rundir.MODEL, first["input"]["shape"], latency_runs,
+                                      trust_hub=trust_hub),
         "run_dirs": [str(p) for p in run_paths],
         "best_run": str(run_paths[best]),
         "fingerprint": first["dataset"]["fingerprint"],
