@@ -180,9 +180,10 @@ def load_hub_module(handle: str):
 
 
 def unsafe_ops(saved_model_dir: str | os.PathLike) -> set[str]:
-    """The ops of the SavedModel's restorable functions (those ``tf.saved_model.load`` can call, and their
-    gradients) that touch files, Python, the network or queues (see ``_UNSAFE_OP``); ``{"<unreadable>"}`` when
-    its graph cannot be read. The checkpoint save/restore functions, which load never runs, are not looked at."""
+    """The ops of a SavedModel that touch files, Python, the network or queues (``_UNSAFE_OP``), anywhere loading or
+    calling it could run them: the functions ``tf.saved_model.load`` restores (and their gradients), the graph's
+    own nodes and what they call. The checkpoint saver's functions may save and restore, nothing else. A graph that
+    cannot be read, or a TF1-format one (no object graph: loading runs its init ops), is ``{"<...>"}``."""
     from google.protobuf import text_format
     from tensorflow.core.protobuf import saved_model_pb2
 
@@ -194,29 +195,49 @@ def unsafe_ops(saved_model_dir: str | os.PathLike) -> set[str]:
         else:
             text_format.Parse((folder / "saved_model.pbtxt").read_text(), model)
     except Exception:  # any parse failure: a graph we cannot inspect is not trusted
-        return {"<unreadable>"}
-    found = set()
+        return {"<unreadable graph>"}
+    found: set[str] = set()
     for meta in model.meta_graphs:
+        if not meta.object_graph_def.nodes:
+            found.add("<TF1-format graph>")
+            continue
         library = {f.signature.name: f for f in meta.graph_def.library.function}
-        pending = list(meta.object_graph_def.concrete_functions)
-        pending += [g.gradient_func for g in meta.graph_def.library.gradient]
-        pending += [g.registered_op_type for g in meta.graph_def.library.registered_gradients]
-        seen = set()
-        while pending:
-            name = pending.pop()
-            if name in seen or name not in library:
-                continue
-            seen.add(name)
-            for node in library[name].node_def:
-                if node.op in library:
-                    pending.append(node.op)
-                elif _UNSAFE_OP.search(node.op):
-                    found.add(node.op)
-                for attr in node.attr.values():
-                    if attr.HasField("func"):
-                        pending.append(attr.func.name)
-                    pending.extend(f.name for f in attr.list.func)
+        saver = {meta.saver_def.save_tensor_name.split(":")[0], meta.saver_def.restore_op_name.split(":")[0]}
+        top = [n for n in meta.graph_def.node if n.name not in saver]
+        roots = list(meta.object_graph_def.concrete_functions)
+        roots += [g.gradient_func for g in meta.graph_def.library.gradient]
+        roots += [g.registered_op_type for g in meta.graph_def.library.registered_gradients]
+        _scan(top, roots, library, set(), found)
+        _scan([n for n in meta.graph_def.node if n.name in saver], [], library, _SAVER_OPS, found)
     return found
+
+
+_SAVER_OPS = frozenset({"SaveV2", "RestoreV2", "MergeV2Checkpoints", "ShardedFilename"})
+
+
+def _scan(nodes, roots: list[str], library: dict, allowed: frozenset | set, found: set[str]) -> None:
+    """Add to ``found`` the unsafe ops (other than ``allowed``) of ``nodes`` and of every library function they or
+    ``roots`` reach (by op name or through a function-valued attribute)."""
+    pending, seen = list(roots), set()
+
+    def visit(node_defs):
+        for node in node_defs:
+            if node.op in library:
+                pending.append(node.op)
+            elif _UNSAFE_OP.search(node.op) and node.op not in allowed:
+                found.add(node.op)
+            for attr in node.attr.values():
+                if attr.HasField("func"):
+                    pending.append(attr.func.name)
+                pending.extend(f.name for f in attr.list.func)
+
+    visit(nodes)
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in library:
+            continue
+        seen.add(name)
+        visit(library[name].node_def)
 
 
 class _LoadPolicy:

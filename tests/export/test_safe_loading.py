@@ -152,3 +152,22 @@ def test_a_model_keras_that_is_not_an_archive_is_one_line(tmp_path):
     (run / "model.keras").unlink()
     with pytest.raises(UserError, match="does not exist"):
         load_run_model(run)
+
+
+def test_the_op_scan_finds_file_and_python_ops_and_passes_a_plain_network(tmp_path):
+    import tensorflow as tf
+
+    from transfer.layers import unsafe_ops
+
+    class PrintsAndCallsPython(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def __call__(self, images):
+            tf.print("seen", output_stream=f"file://{tmp_path / 'printed'}")
+            return tf.numpy_function(lambda a: a.mean(axis=(1, 2)), [images], tf.float32)
+
+    tf.saved_model.save(PrintsAndCallsPython(), str(tmp_path / "sneaky"))
+    assert unsafe_ops(tmp_path / "sneaky") == {"PrintV2", "PyFunc"}
+    assert unsafe_ops(save_hub_module(tmp_path / "benign", with_variable_lists=False)) == set()
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "saved_model.pb").write_bytes(b"\xff not a protobuf")
+    assert unsafe_ops(tmp_path / "garbage") == {"<unreadable graph>"}
