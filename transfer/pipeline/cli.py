@@ -36,7 +36,7 @@ def register(subparsers) -> None:
         "calibration_samples) and [bench] (threads, iterations, warmup) tables. Resumable: finished cells, exports "
         "and benchmarks are not redone. Exit 1 when a winner's export, verification or benchmark failed.",
     )
-    p.add_argument("config", metavar="CONFIG", help="compare TOML file, e.g. configs/pipeline-smoke.toml")
+    p.add_argument("config", metavar="CONFIG", help="compare TOML file, e.g. configs/quickstart.toml")
     p.add_argument("--artifacts", help="artifacts root (default: the config's, else artifacts)")
     p.add_argument("--name", help="report name: <artifacts>/reports/<name>/ (default: the config's name)")
     p.add_argument("--formats", help="export formats, overriding [export] formats (default: all)")
