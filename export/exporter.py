@@ -228,25 +228,25 @@ def _link_or_copy(src: str, dest: str) -> None:
 
 def _keep_previous(previous: dict, out: Path, stage: Path, rows: list[Format]) -> tuple[dict, dict]:
     """The entries and parity reports of the previous export (same run) for formats not exported again; their
-    artifacts are linked into ``stage`` when they still match their sha256 (else they are dropped, with a note)."""
+    artifacts are linked into ``stage`` when they still match their sha256 (else they are dropped, with a note).
+    A format that failed to export has no artifact: its entry is not kept (this export reports only its own)."""
     redone = {row.name for row in rows}
     reports = contract.read_reports(out) or {}
     entries, kept_reports = {}, {}
     root = out.resolve()
     for name, entry in (previous[SECTION].get(FORMATS_KEY) or {}).items():
-        if name in redone or not isinstance(entry, dict):
+        if name in redone or not isinstance(entry, dict) or entry.get(STATUS_KEY) == FAILED_EXPORT:
             continue
-        if entry.get(STATUS_KEY) != FAILED_EXPORT:
-            file = entry.get(FILE_KEY) or ""
-            src = (out / file).resolve()
-            if not (file and root in src.parents and src.exists() and entry.get(SHA256_KEY) == sha256_of(src)):
-                print(f"export: {name} of the earlier export is dropped (its file is missing or does not match "
-                      "its sha256)", flush=True)
-                continue
-            if src.is_dir():
-                shutil.copytree(src, stage / file, copy_function=_link_or_copy)
-            else:
-                _link_or_copy(str(src), str(stage / file))
+        file = entry.get(FILE_KEY) or ""
+        src = (out / file).resolve()
+        if not (file and root in src.parents and src.exists() and entry.get(SHA256_KEY) == sha256_of(src)):
+            print(f"export: {name} of the earlier export is dropped (its file is missing or does not match "
+                  "its sha256)", flush=True)
+            continue
+        if src.is_dir():
+            shutil.copytree(src, stage / file, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(src), str(stage / file))
         entries[name] = entry
         if name in reports:
             kept_reports[name] = reports[name]
