@@ -174,11 +174,6 @@ def _load_module(path: Path, handle: str):
         ) from exc
 
 
-def load_hub_module(handle: str):
-    """``hub.load`` of ``handle`` (see :func:`hub_module_dir`) with one-line errors."""
-    return _load_module(hub_module_dir(handle), handle)
-
-
 def unsafe_ops(saved_model_dir: str | os.PathLike) -> set[str]:
     """The ops of a SavedModel that touch files, Python, the network or queues (``_UNSAFE_OP``), anywhere loading or
     calling it could run them: the functions ``tf.saved_model.load`` restores (and their gradients), the graph's
