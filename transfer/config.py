@@ -185,6 +185,7 @@ class RunConfig:
     artifacts: str = option("artifacts", "artifacts root (runs go to <artifacts>/runs/<name>)")
     name: str | None = option(None, "run name", default_text="derived from the config, so running again resumes")
     overwrite: bool = option(False, "replace an existing run of the same name")
+    keep_checkpoints: bool = option(False, "keep the weight checkpoints of a complete run (by default only state.json)")
     strategy: str = option("auto", "tf.distribute strategy: auto | one-device | mirrored | multi-worker (TF_CONFIG)",
                            choices=STRATEGIES)
     options: tuple = option((), "the command's effective option values, written to config.toml", cli=False)

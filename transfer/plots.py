@@ -73,60 +73,78 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], out_path: Pat
     return out_path
 
 
-def plot_tradeoff(plt, rows: list[dict], key: str, label: str, path: Path, scale: float = 1.0) -> None:
-    from transfer.compare.ranking import pareto_front
+def cell_colours(names: list[str]) -> dict[str, tuple]:
+    """One colour per cell, the same in every plot of a comparison (tab10, then tab20 beyond ten cells)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def plot_tradeoff(plt, rows: list[dict], key: str, label: str, path: Path, colours: dict, scale: float = 1.0) -> None:
+    """Accuracy (with its 95 % interval) against a cost; each cell in its colour, named in the legend (labels next to
+    points would overprint), the winners' noise-robust front joined up."""
+    from transfer.compare.ranking import robust_front
 
     acc = [r["test_accuracy"] * 100 for r in rows]
     cost = [r[key] * scale for r in rows]
-    front = sorted(pareto_front(acc, cost), key=lambda i: cost[i])
-    fig, ax = plt.subplots(figsize=(7, 5))
-    ax.scatter(cost, acc, color="tab:blue", zorder=2, label="cells")
-    ax.plot([cost[i] for i in front], [acc[i] for i in front], color="tab:red", marker="o", markersize=9,
-            markerfacecolor="none", linewidth=1.5, zorder=3, label="Pareto front")
+    fig, ax = plt.subplots(figsize=(8, 5))
     for r, x, y in zip(rows, cost, acc, strict=True):
-        ax.annotate(r["cell"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        low, high = (v * 100 for v in r.get("accuracy_ci95") or (y / 100, y / 100))
+        ax.errorbar([x], [y], yerr=[[y - low], [high - y]], fmt="o", color=colours[r["cell"]], capsize=3,
+                    label=r["cell"] + ("" if r.get("above_chance", True) else " (at chance)"), zorder=2)
+    if all("above_chance" in r for r in rows):
+        front = sorted(robust_front(rows, key), key=lambda i: cost[i])
+        ax.plot([cost[i] for i in front], [acc[i] for i in front], color="black", linestyle="--", linewidth=1,
+                zorder=1, label="winners' front")
     ax.set_xlabel(label)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), 95% interval")
     if len(set(cost)) > 1 and min(cost) > 0 and max(cost) / min(cost) > 20:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def plot_comparison(rows: list[dict], out: Path, names: tuple[str, ...]) -> list[Path]:
-    """A comparison's plots, written as ``names`` in ``out``: accuracy vs latency and vs size (Pareto front marked),
-    overlaid learning curves, accuracy bars."""
+    """A comparison's plots, written as ``names`` in ``out``: accuracy vs latency and vs size (the winners' front
+    marked), overlaid learning curves, accuracy bars; one colour per cell throughout."""
+    from matplotlib.ticker import MaxNLocator
+
     from transfer.train import read_history
 
     plt = _pyplot()
     out.mkdir(parents=True, exist_ok=True)
-    plot_tradeoff(plt, rows, "latency_ms", "batch-1 latency (ms)", out / names[0])
-    plot_tradeoff(plt, rows, "size_bytes", "model file size (MB)", out / names[1], scale=1e-6)
+    colours = cell_colours([r["cell"] for r in rows])
+    plot_tradeoff(plt, rows, "latency_ms", "batch-1 latency (ms)", out / names[0], colours)
+    plot_tradeoff(plt, rows, "size_bytes", "deployable size, float32 weights (MB)", out / names[1], colours,
+                  scale=1e-6)
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     for r in rows:
         history = read_history(Path(r["history"]))
-        line, = ax.plot([h["epoch"] for h in history], [h.get("val_accuracy") for h in history], label=r["cell"])
-        ax.plot([h["epoch"] for h in history], [h.get("accuracy") for h in history], linestyle=":",
-                color=line.get_color())
+        epochs = [h["epoch"] for h in history]
+        ax.plot(epochs, [h.get("val_accuracy") for h in history], color=colours[r["cell"]], label=r["cell"])
+        ax.plot(epochs, [h.get("accuracy") for h in history], linestyle=":", color=colours[r["cell"]])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (solid: validation, dotted: train)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out / names[2], dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 5))
     means = [r["test_accuracy"] * 100 for r in rows]
-    errors = [(r["test_accuracy_std"] or 0) * 100 for r in rows]
-    ax.bar(range(len(rows)), means, yerr=errors, capsize=4,
-           color=["tab:orange" if r["kind"] == "baseline" else "tab:blue" for r in rows])
+    several_seeds = any(r.get("test_accuracy_std") is not None for r in rows)
+    errors = [(r.get("test_accuracy_std") or 0) * 100 for r in rows] if several_seeds else None
+    ax.bar(range(len(rows)), means, yerr=errors, capsize=4 if several_seeds else 0,
+           color=[colours[r["cell"]] for r in rows])
     ax.set_xticks(range(len(rows)), [r["cell"] for r in rows], rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (%)  (orange: scratch baseline, blue: fine-tuned)")
+    ax.set_ylabel("test accuracy (%)" + (" (mean ± std over seeds)" if several_seeds else " (one seed)"))
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(out / names[3], dpi=100)

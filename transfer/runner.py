@@ -60,10 +60,15 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
     config = {"kind": recipe.kind, **as_dict(data_cfg, augment_cfg, recipe.model_config, train_cfg)}
 
     t0 = time.perf_counter()
-    dataset = load_dataset(data_cfg)
+    # A folder is decoded at the size the model takes (a backbone's resolved --image-size), so that size becomes the
+    # run's input size (manifest "input"); datasets with a native size keep it and the model resizes in-graph.
+    dataset = load_dataset(data_cfg, image_size=getattr(recipe.model_config, "image_size", None))
     data_seconds = time.perf_counter() - t0
+    decode = dataset.info.get("decode")
+    shape = (f"native {dataset.native_shape}" if decode is None else
+             f"files decoded at {decode['size']}x{decode['size']} ({decode['chosen_by']}; cache {decode['cache']})")
     print(
-        f"data: {dataset.name} — {len(dataset.classes)} classes, native {dataset.native_shape}, "
+        f"data: {dataset.name} — {len(dataset.classes)} classes, {shape}, "
         f"train {len(dataset.train.y)} / val {len(dataset.val.y)} / test {len(dataset.test.y)}"
     )
 
@@ -124,7 +129,8 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
         return run_path
     rundir.write_json(run_path / rundir.EVALUATION, evaluation)
     tmp_model = run_path / "tmp-model.keras"
-    model.save(tmp_model)
+    # The model without its optimizer state: what evaluation, export and serving need (a third of the file for Adam).
+    keras.Model(model.inputs, model.outputs, name=model.name).save(tmp_model)
     os.replace(tmp_model, run_path / rundir.MODEL)
     title = run_path.name
     plots.plot_history(read_history(run_path / rundir.HISTORY), run_path / "plots", title)
@@ -173,6 +179,11 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
     }
     rundir.write_json(run_path / rundir.MANIFEST, manifest)
     barrier(strategy)
+    if not run_cfg.keep_checkpoints:  # a complete run never resumes: its weight checkpoints are dead weight
+        from transfer.train import BEST, LAST
+
+        for name in (LAST, BEST):
+            (run_path / "checkpoints" / name).unlink(missing_ok=True)
     top5 = evaluation.get("top5_accuracy")
     print(
         f"\ndone: test accuracy {evaluation['accuracy']:.4f}"

@@ -20,6 +20,7 @@ from transfer.cli import main
 from transfer.compare import (
     PLOTS,
     REPORT_FILES,
+    annotate,
     competition_rank,
     expand_matrix,
     load_config,
@@ -82,19 +83,64 @@ def test_pareto_front_on_hand_made_points():
     assert pareto_front([], []) == []
 
 
-def test_winners_name_the_reasons():
-    def row(cell, acc, lat, size, rank):
-        return {"cell": cell, "test_accuracy": acc, "latency_ms": lat, "size_bytes": size, "rank": rank,
-                "best_run": f"runs/{cell}", "run_dirs": [f"runs/{cell}"]}
+def _row(cell, acc, lat, size, n=1000, chance=0.1):
+    return {"cell": cell, "test_accuracy": acc, "latency_ms": lat, "size_bytes": size, "test_samples": n,
+            "chance_accuracy": chance, "best_run": f"runs/{cell}", "run_dirs": [f"runs/{cell}"]}
 
-    rows = [row("big", 0.95, 50.0, 100, 1), row("small", 0.90, 5.0, 10, 2), row("bad", 0.80, 60.0, 200, 3),
-            row("tiny-slow", 0.85, 70.0, 5, 3)]
-    winners = {w["cell"]: w["why"] for w in pick_winners(rows)}
-    assert winners == {
+
+def _ranked(rows):
+    for row, rank in zip(rows, competition_rank([r["test_accuracy"] for r in rows]), strict=True):
+        row["rank"] = rank
+    annotate(rows)
+    return {w["cell"]: w["why"] for w in pick_winners(rows)}
+
+
+def test_winners_name_the_reasons():
+    # 1,000 test images: 5 points apart is far beyond noise, so the plain fronts hold.
+    rows = [_row("big", 0.95, 50.0, 100), _row("small", 0.90, 5.0, 10), _row("bad", 0.80, 60.0, 200),
+            _row("tiny-slow", 0.85, 70.0, 5)]
+    assert _ranked(rows) == {
         "big": ["most accurate", "pareto: accuracy vs latency", "pareto: accuracy vs size"],
         "small": ["pareto: accuracy vs latency", "pareto: accuracy vs size"],
         "tiny-slow": ["pareto: accuracy vs size"],
     }
+
+
+def test_ties_within_noise_go_to_the_smallest_model_and_chance_never_wins():
+    # The quickstart's real leaderboard: 180 test images, so 179, 179 and 176 correct are one result.
+    rows = [_row("vgg1", 179 / 180, 0.50, 308_392, 180), _row("vgg3-dropout-bn", 179 / 180, 0.86, 1_228_456, 180),
+            _row("fashion-mnist-cnn", 176 / 180, 0.51, 113_576, 180),
+            _row("resnet50v2", 172 / 180, 9.10, 94_341_160, 180),
+            _row("at-chance", 22 / 180, 0.01, 100, 180)]  # tiny and fast, but 12 % on ten classes
+    winners = _ranked(rows)
+    assert winners == {
+        "fashion-mnist-cnn": ["most accurate (tied within noise with vgg1, vgg3-dropout-bn; the smallest deployable "
+                              "model)", "pareto: accuracy vs size"],
+        "vgg1": ["pareto: accuracy vs latency"],
+    }
+    by_cell = {r["cell"]: r for r in rows}
+    assert by_cell["vgg1"]["tied_with_best"] and by_cell["fashion-mnist-cnn"]["tied_with_best"]
+    assert not by_cell["resnet50v2"]["tied_with_best"]  # 7 images behind: beyond noise
+    assert not by_cell["at-chance"]["above_chance"] and not by_cell["at-chance"]["tied_with_best"]
+    low, high = by_cell["vgg1"]["accuracy_ci95"]
+    assert 0.96 < low < 0.975 and high > 0.998
+
+
+def test_statistics_on_hand_computed_values():
+    from transfer.compare.stats import binomial_sf, p_better, wilson_interval
+
+    assert binomial_sf(3, 10, 0.5) == pytest.approx(1 - 56 / 1024)
+    assert binomial_sf(0, 10, 0.3) == 1.0 and binomial_sf(11, 10, 0.3) == 0.0
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert p_better(179, 180, 178, 180) > 0.3  # one image is never a difference
+    assert p_better(600, 1000, 500, 1000) < 1e-4
+    assert p_better(500, 1000, 600, 1000) > 0.99
+
+
+def test_no_cell_above_chance_means_no_winner():
+    rows = [_row("a", 0.11, 1.0, 10, 180), _row("b", 0.10, 2.0, 20, 180)]
+    assert _ranked(rows) == {}
 
 
 def test_matrix_expands_and_names_cells():
@@ -171,7 +217,12 @@ def test_report_files_and_numbers_come_from_the_runs(two_cell_report):
         assert row["top5_accuracy"] == evaluation["top5_accuracy"]
         assert row["params"] == manifest["model"]["params"]
         assert row["trainable_params"] == manifest["model"]["trainable_params"]
-        assert row["size_bytes"] == manifest["model"]["size_bytes"] == (run / "model.keras").stat().st_size
+        assert row["size_bytes"] == 4 * manifest["model"]["params"]  # deployable float32 weights
+        assert row["model_file_bytes"] == manifest["model"]["size_bytes"] == (run / "model.keras").stat().st_size
+        assert row["test_samples"] == evaluation["samples"] == 60 and row["chance_accuracy"] >= 0.1
+        low, high = row["accuracy_ci95"]
+        assert low <= row["test_accuracy"] <= high
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["state.json"]  # weights: not kept
         assert row["train_seconds"] == manifest["timings"]["train_seconds"]
         assert row["latency_ms"] > 0
         assert float(csv_rows[row["cell"]]["test_accuracy"]) == evaluation["accuracy"]

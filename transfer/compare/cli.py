@@ -84,7 +84,7 @@ def run_compare(settings) -> CompareResult:
     """Train every cell of ``settings`` (complete runs are kept), measure, rank, pick winners, write the report."""
     from transfer.baselines import BaselineConfig, baseline_recipe, get_baseline
     from transfer.compare.measure import check_same_data, collect_row
-    from transfer.compare.ranking import competition_rank, pick_winners
+    from transfer.compare.ranking import annotate, competition_rank, pick_winners
     from transfer.compare.report import print_table, write_report
     from transfer.config import ModelConfig, RunConfig
     from transfer.data import load_dataset
@@ -147,7 +147,8 @@ def run_compare(settings) -> CompareResult:
     rows = [collect_row(cell, runs[cell.name], top.latency_runs) for cell in settings.cells]
     for row, rank in zip(rows, competition_rank([r["test_accuracy"] for r in rows]), strict=True):
         row["rank"] = rank
-    rows.sort(key=lambda r: (r["rank"], r["latency_ms"]))
+    annotate(rows)
+    rows.sort(key=lambda r: (r["rank"], r["size_bytes"], r["latency_ms"]))
     winners = pick_winners(rows)
     summary = {"dataset": data_cfg.dataset, "fingerprint": fingerprint, "seeds": seeds,
                "data": dataclasses.asdict(data_cfg), "shared_augment": dataclasses.asdict(settings.augment),

@@ -51,6 +51,9 @@ def collect_row(cell: Cell, run_paths: list[Path], latency_runs: int, *, trust_h
     top5_mean, top5_std = mean_std(top5) if None not in top5 else (None, None)
     first = manifests[0]
     best = max(range(len(run_paths)), key=lambda i: evaluations[i]["accuracy"])
+    confusion = evaluations[0]["confusion_matrix"]
+    samples = evaluations[0]["samples"]
+    majority = max(sum(row) for row in confusion) / samples if samples else 0.0
     return {
         "cell": cell.name,
         "kind": cell.kind,
@@ -62,11 +65,14 @@ def collect_row(cell: Cell, run_paths: list[Path], latency_runs: int, *, trust_h
         "test_accuracy": accuracy,
         "test_accuracy_std": accuracy_std,
         "test_accuracies": [e["accuracy"] for e in evaluations],
+        "test_samples": samples,
+        "chance_accuracy": max(1 / len(confusion), majority),  # guessing, or always naming the largest class
         "top5_accuracy": top5_mean,
         "top5_accuracy_std": top5_std,
         "params": first["model"]["params"],
         "trainable_params": first["model"]["trainable_params"],
-        "size_bytes": first["model"]["size_bytes"],
+        "size_bytes": first["model"]["params"] * 4,  # the deployable float32 weights (what model.onnx holds)
+        "model_file_bytes": first["model"]["size_bytes"],
         "train_seconds": statistics.fmean(m["timings"]["train_seconds"] for m in manifests),
         "epochs_run": [m["metrics"]["epochs_run"] for m in manifests],
         "latency_ms": measure_latency(run_paths[0] / rundir.MODEL, first["input"]["shape"], latency_runs,

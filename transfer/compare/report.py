@@ -16,14 +16,26 @@ PLOTS = ("accuracy_vs_latency.png", "accuracy_vs_size.png", "learning_curves.png
 
 
 COLUMNS = (  # (key, header)
-    ("rank", "rank"), ("cell", "cell"), ("test_accuracy", "test acc"), ("top5_accuracy", "top-5"),
-    ("params", "params"), ("trainable_params", "trainable"), ("size_bytes", "size"), ("train_seconds", "train time"),
+    ("rank", "rank"), ("cell", "cell"), ("test_accuracy", "test acc"), ("accuracy_ci95", "95% interval"),
+    ("verdict", "vs best / chance"), ("top5_accuracy", "top-5"), ("params", "params"),
+    ("trainable_params", "trainable"), ("size_bytes", "size (float32 weights)"), ("train_seconds", "train time"),
     ("latency_ms", "latency b=1"),
 )
 
 
+def verdict(row: dict) -> str:
+    """How a row stands: at chance, tied with the best within noise, or significantly below it."""
+    if not row.get("above_chance", True):
+        return f"not above chance ({row['chance_accuracy'] * 100:.1f}%)"
+    return "best or tied within noise" if row.get("tied_with_best") else "below the best"
+
+
 def _cell_text(row: dict, key: str) -> str:
+    if key == "verdict":
+        return verdict(row)
     value = row[key]
+    if key == "accuracy_ci95":
+        return f"{value[0] * 100:.1f}–{value[1] * 100:.1f}%"
     if key in ("test_accuracy", "top5_accuracy"):
         if value is None:
             return "—"
@@ -44,8 +56,11 @@ def _markdown(rows: list[dict], winners: list[dict], title: str, settings: dict)
     lines = [f"# Comparison: {title}", "",
              f"Dataset `{settings['dataset']}` (fingerprint `{settings['fingerprint'][:12]}`), seeds "
              f"{settings['seeds']}, epochs {settings['train']['epochs']}, batch {settings['train']['batch_size']}. "
-             "Accuracy is mean ± sample std over seeds; latency is the median of batch-1 calls on one native-size "
-             "image.", "",
+             "Accuracy is mean ± sample std over seeds, with its 95% Wilson interval on the "
+             f"{rows[0]['test_samples'] if rows else 0} test images; cells within noise of the best are tied and the "
+             "tie goes to the smallest deployable model (float32 weights), then the lowest latency; a cell not "
+             "significantly above chance is never a winner. Latency is the median of batch-1 calls on one "
+             "native-size image.", "",
              "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell_text(r, k) for k, _ in COLUMNS) + " |" for r in rows]
     lines += ["", "## Winners", ""]
@@ -121,9 +136,13 @@ def write_report(out: Path, title: str, rows: list[dict], winners: list[dict], s
 def print_table(rows: list[dict], winners: list[dict]) -> None:
     """A short leaderboard on the terminal."""
     marks = {w["cell"]: "*" for w in winners}
-    print(f"\n{'rank':>4}  {'cell':<30}{'test acc':>18}{'latency':>11}{'size':>11}{'params':>13}")
+    n = rows[0]["test_samples"] if rows else 0
+    print(f"\n{'rank':>4}  {'cell':<28}{'test acc':>16}{'95% interval':>15}  {'vs best / chance':<28}"
+          f"{'latency':>10}{'size':>11}")
     for r in rows:
-        print(f"{r['rank']:>4}  {(r['cell'] + marks.get(r['cell'], '')):<30}{_cell_text(r, 'test_accuracy'):>18}"
-              f"{_cell_text(r, 'latency_ms'):>11}{_cell_text(r, 'size_bytes'):>11}{r['params']:>13,}")
-    print("* winner (most accurate or Pareto-optimal on accuracy vs latency/size)")
+        print(f"{r['rank']:>4}  {(r['cell'] + marks.get(r['cell'], '')):<28}{_cell_text(r, 'test_accuracy'):>16}"
+              f"{_cell_text(r, 'accuracy_ci95'):>15}  {verdict(r):<28}{_cell_text(r, 'latency_ms'):>10}"
+              f"{_cell_text(r, 'size_bytes'):>11}")
+    print(f"* winner. {n} test images; cells within noise of the best are tied (the smallest deployable model wins "
+          "the tie); a cell not significantly above chance never wins. size: float32 weights.")
     sys.stdout.flush()
