@@ -32,13 +32,10 @@ def main(argv=None) -> int:
     export = ExportDir.open(export_dir, check_name=False)
     tf_threads = set_tf_threads(args.threads)  # before Keras or TF run anything
 
-    import keras
-
-    import transfer.layers  # noqa: F401
     from export.formats import FORMATS
-    from transfer.rundir import MODEL
+    from transfer.runmodel import load_run_model
 
-    model = keras.models.load_model(export.source_run / MODEL)
+    model = load_run_model(export.source_run)
     shape = list(export.input_shape)
     runners = {"keras.predict": lambda b: model.predict(b, verbose=0)}
     sizes = {}

@@ -319,6 +319,10 @@ def load_format(export: ExportDir, fmt: str, num_threads: int | None = None, **r
     path = export.path_of(fmt)
     if not path.exists():
         raise UserError(f"{export.path} has no {fmt} model ({path.name} is missing); re-export with `transfer export`")
+    problem = export.untrusted(fmt)
+    if problem:
+        raise UserError(f"{export.path}: {fmt} is not loaded: {problem}; re-export with "
+                        f"`transfer export RUN_DIR --formats {fmt}`")
     row = FORMATS[fmt]
     try:
         return row.runtime.load(path, num_threads, **runtime_options)

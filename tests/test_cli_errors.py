@@ -87,6 +87,7 @@ CASES = [
     (["export", "{run}", "--opset", "3"], "--opset 3"),
     (["export", "{run}", "--quantize", "int8", "--calibration-samples", "0"], "--calibration-samples 0"),
     (["export", "{run}", "--formats", "onnx", "--int8-io"], "--int8-io"),
+    (["export", "{run}", "--out", "/proc/x/y"], "--out"),
     (["verify", "/no/such/export"], "/no/such/export"),
     (["verify", "{run}"], "not an export directory"),
     (["bench", "/no/such/export"], "/no/such/export"),

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="re-evaluate a complete run on its test (or validation) split")
     p.add_argument("run_dir")
     p.add_argument("--split", choices=("test", "val"), default="test", help="split to evaluate (default: test)")
+    p.add_argument("--trust-hub-handle", dest="trust_hub", action="store_true",
+                   help="let a Hub layer load its module from its recorded handle outside the run directory "
+                   "(only runs you trust; docs/security.md)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("backbones", help="list the backbone registry")
@@ -123,7 +126,7 @@ def _with_options(run, options: dict):
 def cmd_evaluate(args) -> int:
     from transfer.runner import reevaluate
 
-    evaluation = reevaluate(Path(args.run_dir), split=args.split)
+    evaluation = reevaluate(Path(args.run_dir), split=args.split, trust_hub=args.trust_hub)
     top5 = evaluation.get("top5_accuracy")
     print(f"{args.split} accuracy {evaluation['accuracy']:.4f}" + (f", top-5 {top5:.4f}" if top5 is not None else "")
           + f" on {evaluation['samples']} images")

@@ -56,14 +56,21 @@ def _export(tmp_path: Path, formats: dict) -> ExportDir:
 
 
 def test_load_format_errors_are_one_line(tmp_path):
-    export = _export(tmp_path / "m", {"onnx": {"file": "model.onnx", "status": "verified"},
+    import hashlib
+
+    bogus = b"not an onnx model"
+    export = _export(tmp_path / "m", {"onnx": {"file": "model.onnx", "status": "verified",
+                                               "sha256": hashlib.sha256(bogus).hexdigest()},
+                                      "tflite_dynamic": {"file": "model_dynamic.tflite", "status": "verified"},
                                       "tflite": {"file": "model.tflite", "status": "failed-export",
                                                  "error": "RuntimeError: converter exploded"},
                                       "tflite_fp16": {"file": "model_fp16.tflite", "status": "verified"}})
-    (tmp_path / "m" / "model.onnx").write_bytes(b"not an onnx model")
+    (tmp_path / "m" / "model.onnx").write_bytes(bogus)
+    (tmp_path / "m" / "model_dynamic.tflite").write_bytes(b"planted next to the export")
     cases = {
         "coreml": "unknown format 'coreml'",
-        "tflite_int8": "has no tflite_int8 model (it has onnx, tflite, tflite_fp16)",
+        "tflite_int8": "has no tflite_int8 model (it has onnx, tflite_dynamic, tflite, tflite_fp16)",
+        "tflite_dynamic": "lists no sha256 for model_dynamic.tflite",  # never loaded: the manifest does not vouch
         "tflite": "tflite failed to export",
         "tflite_fp16": "model_fp16.tflite is missing",
         "onnx": "could not be opened by onnxruntime",

@@ -30,12 +30,15 @@ def register(subparsers) -> None:
     add_config_args(r, CompareConfig, unset=True)
     add_config_args(r, RunConfig, exclude=("artifacts", "name"))
     r.add_argument("--export-winners", action="store_true", help="export the winners with the export package")
+    r.add_argument("--trust-hub-handle", dest="trust_hub", action="store_true",
+                   help="let Hub layers load their modules from recorded handles outside the run directories "
+                   "(only runs you trust; docs/security.md)")
     add_data_args(p, unset=True, default_texts={"preset": "none (compare's fair default)"})
     add_train_args(p, unset=True)
     p.set_defaults(func=cmd_compare)
 
 
-def _export_entry():
+def _export_entry(trust_hub: bool = False):
     """The seam to the export package: ``export_run(run_dir) -> export dir``, or a one-line error without it."""
     try:
         from export.exporter import ExportConfig, run_export
@@ -44,7 +47,7 @@ def _export_entry():
                         "the report's winners.json") from exc
 
     def export_run(run_dir: Path) -> Path:
-        return run_export(ExportConfig(run_dir=str(run_dir))).out
+        return run_export(ExportConfig(run_dir=str(run_dir), trust_hub=trust_hub)).out
 
     return export_run
 
@@ -69,8 +72,8 @@ def cmd_compare(args) -> int:
 
     config = load_config(args.config) if args.config else None
     settings = resolve_settings(config, args, config_file=args.config)
-    export_run = _export_entry() if args.export_winners else None
-    result = run_compare(settings)
+    export_run = _export_entry(args.trust_hub) if args.export_winners else None
+    result = run_compare(settings, trust_hub=args.trust_hub)
     if export_run is not None:
         for winner in result.winners:
             print(f"exporting winner {winner['cell']} ({', '.join(winner['why'])}) ...", flush=True)
@@ -80,7 +83,7 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def run_compare(settings) -> CompareResult:
+def run_compare(settings, *, trust_hub: bool = False) -> CompareResult:
     """Train every cell of ``settings`` (complete runs are kept), measure, rank, pick winners, write the report."""
     from transfer.baselines import BaselineConfig, baseline_recipe, get_baseline
     from transfer.compare.measure import check_same_data, collect_row
@@ -144,7 +147,7 @@ def run_compare(settings) -> CompareResult:
     manifests = {p.name: rundir.load_complete(p) for paths in runs.values() for p in paths}
     check_same_data(manifests, expected=fingerprint)
     print(f"\nmeasuring batch-1 latency ({top.latency_runs} calls per model after warm-up) ...", flush=True)
-    rows = [collect_row(cell, runs[cell.name], top.latency_runs) for cell in settings.cells]
+    rows = [collect_row(cell, runs[cell.name], top.latency_runs, trust_hub=trust_hub) for cell in settings.cells]
     for row, rank in zip(rows, competition_rank([r["test_accuracy"] for r in rows]), strict=True):
         row["rank"] = rank
     annotate(rows)
