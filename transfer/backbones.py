@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transfer import rundir
 from transfer.errors import UserError, unknown
 from transfer.freezing import Unfreeze, resolve_layer_count, set_layers_trainable
 
@@ -45,6 +46,18 @@ PREPROCESSING = {
     "unit": (False, (1 / 255,) * 3, (0.0,) * 3, "scale to [0, 1]"),
     "none": (False, (1.0,) * 3, (0.0,) * 3, "raw 0..255 (backbone scales internally)"),
 }
+
+
+def weights_run(weights: str) -> Path | None:
+    """The run directory ``--weights`` names (the run itself or its model.keras), or None when it names no run."""
+    if weights in ("imagenet", "none"):
+        return None
+    path = Path(weights).expanduser()
+    if path.is_dir() and (path / rundir.CONFIG).is_file():
+        return path
+    if path.is_file() and path.name == rundir.MODEL and (path.parent / rundir.CONFIG).is_file():
+        return path.parent
+    return None
 
 
 def keras_home() -> Path:
@@ -110,9 +123,19 @@ class Backbone(_Sized):
         return match.group(1) if match else None
 
     def check_weights(self, weights: str) -> None:
-        """``imagenet``, ``none`` or an existing weights file."""
+        """``imagenet``, ``none``, an existing weights file, or a complete run of this same backbone (its directory
+        or its model.keras): fine-tuning then starts from that run's backbone."""
+        run = weights_run(weights)
+        if run is not None:
+            source = rundir.load_complete(run).get("model", {}).get("backbone")
+            if source != self.name:
+                raise UserError(
+                    f"--weights '{weights}' is a run of {source or 'a scratch baseline (no backbone)'}, not "
+                    f"{self.name}; pass a run of {self.name}" + (f" or --backbone {source}" if source else ""))
+            return
         if weights not in ("imagenet", "none") and not os.path.isfile(weights):
-            raise UserError(f"--weights '{weights}' is not a file; pass imagenet, none or a weights file path")
+            raise UserError(f"--weights '{weights}' is not a file; pass imagenet, none, a weights file or a run "
+                            "directory of the same backbone")
 
     def check_unfreeze(self, unfreeze: Unfreeze) -> None:
         """Every form applies; the layer and block counts are checked against the built layer."""
@@ -129,6 +152,9 @@ class Backbone(_Sized):
 
         self.check_weights(weights)
         constructor = getattr(keras.applications, self.constructor)
+        run = weights_run(weights)
+        if run is not None:
+            return self._from_run(constructor, size, run)
         weights_arg = {"none": None, "imagenet": "imagenet"}.get(weights, weights)
         try:
             layer = constructor(include_top=False, weights=weights_arg, input_shape=(size, size, 3), **self.kwargs)
@@ -150,6 +176,20 @@ class Backbone(_Sized):
             raise
         if not self.pretrained(weights):
             _speed_up_batchnorm(layer)
+        return layer
+
+    def _from_run(self, constructor, size: int, run: Path):
+        """A fresh backbone holding the weights of an earlier run's backbone (same architecture, any input size)."""
+        from transfer.runmodel import load_run_model
+
+        manifest = rundir.load_complete(run)
+        source = load_run_model(run).get_layer(manifest["model"]["backbone_layer"])
+        layer = constructor(include_top=False, weights=None, input_shape=(size, size, 3), **self.kwargs)
+        try:
+            layer.set_weights(source.get_weights())
+        except ValueError as exc:
+            raise UserError(f"--weights '{run}': its {self.name} backbone does not fit this one "
+                            f"({str(exc).splitlines()[0][:120]})") from exc
         return layer
 
     def facts(self, layer) -> dict:

@@ -60,7 +60,8 @@ class ModelConfig:
     """
 
     backbone: str = option("mobilenetv2", "registry name (see `transfer backbones`) or hub:HANDLE")
-    weights: str = option("imagenet", "imagenet | none | PATH to a backbone weights file")
+    weights: str = option("imagenet", "imagenet | none | PATH to a backbone weights file | RUN_DIR of the same "
+                          "backbone (start from that run's backbone)")
     image_size: int | None = option(None, "size the backbone sees; images are resized inside the model",
                                     default_text="the backbone's own", minimum=1, maximum=MAX_IMAGE_SIZE)
     head: str = option("default", "pooling then layers, e.g. gap,dropout0.2 or flatten,dense256-bn; "

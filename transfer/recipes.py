@@ -44,7 +44,7 @@ class ModelRecipe:
 
 def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> ModelRecipe:
     """Validate a fine-tuning model config cheaply (no TensorFlow yet) and return its resolved recipe."""
-    from transfer.backbones import get_backbone
+    from transfer.backbones import get_backbone, weights_run
     from transfer.freezing import parse_unfreeze
     from transfer.heads import parse_head
 
@@ -73,6 +73,12 @@ def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> Mode
             "unfreeze": unfreeze.text,
             **spec.facts(built.backbone),
         }
+        run = weights_run(model_cfg.weights)
+        if run is not None:  # started from an earlier run's backbone: which run, and the data it learned from
+            source = rundir.load_complete(run)
+            described["weights_source"] = {"run": source["name"], "path": str(run.resolve()),
+                                           "dataset": source["dataset"]["name"],
+                                           "dataset_fingerprint": source["dataset"]["fingerprint"]}
         if resolved.blocks is not None:
             described["unfreeze_layers"] = resolved.count
         if unfreeze.frozen_backbone and not built.pretrained:
