@@ -48,6 +48,22 @@ PREPROCESSING = {
 }
 
 
+_GENERIC_HANDLE_PARTS = {"feature_vector", "feature-vector", "classification", "tensorflow2", "tf2", "models"}
+
+
+def short_name(name: str) -> str:
+    """How people read a backbone's name: a Hub handle by its last meaningful part (``hub:.../mobilenet_v2_100_224/
+    feature_vector/5`` -> ``mobilenet_v2_100_224-feature_vector``), a registry name as it is."""
+    if not name.startswith(HUB_PREFIX):
+        return name
+    parts = [p for p in name[len(HUB_PREFIX):].replace("\\", "/").split("/") if p and not p.isdecimal()]
+    if not parts:
+        return "hub"
+    if parts[-1].lower() in _GENERIC_HANDLE_PARTS and len(parts) > 1:
+        return f"{parts[-2]}-{parts[-1]}"
+    return parts[-1]
+
+
 def weights_run(weights: str) -> Path | None:
     """The run directory ``--weights`` names (the run itself or its model.keras), or None when it names no run."""
     if weights in ("imagenet", "none"):

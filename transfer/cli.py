@@ -41,9 +41,39 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+WARNINGS_LOG = "warnings.log"
+
+
+def warnings_log() -> Path:
+    """Where TensorFlow's and Python's warnings go instead of the console: ``$XDG_CACHE_HOME/transfer/warnings.log``
+    (``~/.cache/transfer``), or ``$TRANSFER_WARNINGS_LOG``."""
+    if os.environ.get("TRANSFER_WARNINGS_LOG"):
+        return Path(os.environ["TRANSFER_WARNINGS_LOG"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "transfer" / WARNINGS_LOG
+
+
+def _route_warnings(tf) -> None:
+    """TensorFlow's Python-side warnings (retracing, deprecations) and Python warnings (FutureWarning, ...) go to
+    :func:`warnings_log`, so the console shows what the toolkit says; nothing is lost."""
+    import logging
+
+    try:
+        path = warnings_log()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    except OSError:  # no writable cache: drop them rather than bury the console
+        handler = logging.NullHandler()
+    logging.captureWarnings(True)
+    for logger in (tf.get_logger(), logging.getLogger("py.warnings")):
+        logger.handlers = [handler]
+        logger.propagate = False
+
+
 def quiet_tensorflow() -> None:
-    """Import TensorFlow with stderr muted: its C++ start-up chatter would bury one-line errors; without TensorFlow,
-    a one-line UserError."""
+    """Import TensorFlow with stderr muted: its C++ start-up chatter would bury one-line errors; its later warnings go
+    to a log file (:func:`warnings_log`); without TensorFlow, a one-line UserError."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if sys.modules.get("tensorflow") is not None:
         return
@@ -60,6 +90,7 @@ def quiet_tensorflow() -> None:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+    _route_warnings(tf)
 
 
 def build_parser() -> argparse.ArgumentParser:

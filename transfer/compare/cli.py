@@ -57,6 +57,25 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _remaining(jobs: list, measured: dict[str, float], cells) -> str:
+    """Time the jobs still to train will take: a cell's own measured run (another seed), else the mean of the measured
+    cells of its kind (scratch baselines and fine-tuned backbones cost very differently), else of all measured cells.
+    Runs that were already complete are not measurements."""
+    if not jobs:
+        return "0:00:00"
+    if not measured:
+        return "estimating"
+    kinds = {c.name: c.kind for c in cells}
+    total = 0.0
+    for cell, *_ in jobs:
+        if cell.name in measured:
+            total += measured[cell.name]
+            continue
+        same_kind = [s for name, s in measured.items() if kinds[name] == cell.kind]
+        total += statistics.fmean(same_kind or measured.values())
+    return _fmt_duration(total)
+
+
 @dataclass
 class CompareResult:
     """What a finished comparison produced: its report directory, the ranked rows and the winners."""
@@ -132,17 +151,20 @@ def run_compare(settings, *, trust_hub: bool = False) -> CompareResult:
     if not settings.overwrite:  # refuse before training anything when finished cells were made on other data
         check_same_data({p.name: rundir.read_json(p / rundir.MANIFEST) for p in complete}, expected=fingerprint)
 
-    started, durations = time.perf_counter(), []
+    started = time.perf_counter()
+    measured: dict[str, float] = {}  # cell -> seconds one of its (not already complete) runs took
+    to_train = {job[5].run_path("") for job in jobs} - set(complete)
     runs: dict[str, list[Path]] = {cell.name: [] for cell in settings.cells}
     for i, (cell, seed, recipe, augment, cell_train, run_cfg) in enumerate(jobs, 1):
         elapsed = time.perf_counter() - started
-        eta = (_fmt_duration(statistics.fmean(durations) * (len(jobs) - i + 1)) if durations else "estimating")
+        eta = _remaining([job for job in jobs[i - 1:] if job[5].run_path("") in to_train], measured, settings.cells)
         label = cell.name + (f" (seed {seed})" if len(seeds) > 1 else "")
         print(f"\n=== cell {i}/{len(jobs)} {label} — elapsed {_fmt_duration(elapsed)}, "
               f"estimated remaining {eta} ===", flush=True)
         t0 = time.perf_counter()
         runs[cell.name].append(execute(recipe, data_cfg, augment, cell_train, run_cfg))
-        durations.append(time.perf_counter() - t0)
+        if run_cfg.run_path("") in to_train:
+            measured[cell.name] = time.perf_counter() - t0
 
     manifests = {p.name: rundir.load_complete(p) for paths in runs.values() for p in paths}
     check_same_data(manifests, expected=fingerprint)

@@ -70,13 +70,15 @@ def load_config(path: str | Path, extra_tables: tuple[Table, ...] = ()) -> dict:
 
 def _finetune_cell(backbone: str, size: int | None, unfreeze, weights: str, head: str,
                    name: str | None = None) -> Cell:
-    from transfer.backbones import get_backbone
+    from transfer.backbones import get_backbone, short_name
     from transfer.freezing import parse_unfreeze
 
     spec = get_backbone(backbone)
     size = spec.resolve_size(size)
     unfreeze = parse_unfreeze(unfreeze).text
-    name = name or f"{spec.name}-{size}px-u{unfreeze}" + ("" if weights == "imagenet" else f"-{rundir.slug(weights)}")
+    shown = short_name(spec.name)  # a Hub handle by its last meaningful part, not a whole path
+    weights_part = "" if weights == "imagenet" else "-" + rundir.slug(weights.rstrip("/").split("/")[-1])
+    name = name or rundir.slug(f"{shown}-{size}px-u{unfreeze}") + weights_part
     return Cell(name, "finetune", spec.name, size, unfreeze, weights, head)
 
 
