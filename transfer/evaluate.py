@@ -41,14 +41,12 @@ def predict_probs(model, dataset) -> np.ndarray:
 
 
 def pad_to_batches(split, batch_size: int):
-    """``split`` with its first samples repeated at the end so every batch is full."""
-    from transfer.data import Split
-
+    """``split`` (pixels or files) with its first samples repeated at the end so every batch is full."""
     n = len(split.y)
     if n % batch_size == 0:
         return split
     index = np.arange(-(-n // batch_size) * batch_size) % n
-    return Split(x=split.x[index], y=split.y[index])
+    return split.take(index)
 
 
 def evaluate(model, split, classes: list[str], batch_size: int, pad_batches: bool = False) -> dict:
@@ -63,4 +61,8 @@ def evaluate(model, split, classes: list[str], batch_size: int, pad_batches: boo
     if pad_batches:
         split = pad_to_batches(split, batch_size)
     dataset = make_pipeline(split, batch_size=batch_size, training=False)
-    return metrics_from_probs(predict_probs(model, dataset)[:n], split.y[:n], classes)
+    probs, labels = predict_probs(model, dataset)[:n], split.y[:n]
+    if split.streamed:  # a file that failed to decode mid-run was replaced in the pipeline: leave it out here
+        readable = ~split.failed()[:n]
+        probs, labels = probs[readable], labels[readable]
+    return metrics_from_probs(probs, labels, classes)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import os
+import shutil
 import urllib.error
 from pathlib import Path
 
@@ -25,7 +28,9 @@ from transfer.data import (
     make_pipeline,
     synthetic_images,
 )
-from transfer.data.sources import FolderSource, KerasDataset, SyntheticSource
+from transfer.data.folders import FileSplit, resolve_cache
+from transfer.data.sources import BundledDataset, FolderSource, KerasDataset, SyntheticSource
+from transfer.data.splits import ANY_INPUT_SIZE
 from transfer.errors import UserError
 from transfer.images import decode_image
 
@@ -55,7 +60,7 @@ def test_registry_names_and_unknown_dataset_suggests_closest():
 
 def test_every_source_is_one_row_of_one_registry():
     kinds = {type(source) for source in SOURCES}
-    assert kinds == {KerasDataset, SyntheticSource, FolderSource}
+    assert kinds == {KerasDataset, BundledDataset, SyntheticSource, FolderSource}
     assert isinstance(get_source("folder:/any/where"), FolderSource)
     assert isinstance(get_source("synthetic"), SyntheticSource) and get_source(" CIFAR10 ").name == "cifar10"
     for source in SOURCES:  # the registry answers every question through the row itself
@@ -257,7 +262,8 @@ def test_folder_loads_all_modes_and_skips_only_the_unreadable(image_folder: Path
     total = sum(data.info["counts"].values())
     assert total == 24 and data.info["counts"] == {"train": 16, "val": 5, "test": 3}
     for split in (data.train, data.val, data.test):
-        assert split.x.dtype == np.uint8 and split.x.shape[1:] == (16, 16, 3)
+        assert isinstance(split, FileSplit) and split.streamed and split.size == 16
+        assert split.x.dtype == np.uint8 and split.x.shape[1:] == (16, 16, 3)  # decoded on first use
         assert set(split.y.tolist()) == {0, 1, 2}  # every class in every split
     # Each class has its own dominant channel, whatever the file's mode was (grey images excepted).
     for label in range(3):
@@ -349,6 +355,158 @@ def test_folder_class_too_small_for_its_splits(tmp_path, class_images):
         load_dataset(DataConfig(dataset=f"folder:{tmp_path}", folder_image_size=8))
     data = load_dataset(DataConfig(dataset=f"folder:{tmp_path}", folder_image_size=8, val_split=0, test_split=0))
     assert len(data.train) == 11 and len(data.val) == len(data.test) == 0
+
+
+# ---------------------------------------------------------------------------------------------- streamed folders
+
+
+def _jpeg_folder(root: Path, per_class: int = 6, side: int = 40) -> Path:
+    """Two classes of small JPEGs (red-ish and blue-ish, with grain)."""
+    rng = np.random.default_rng(7)
+    for name, hue in (("blue", (30, 40, 220)), ("red", (220, 40, 30))):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(hue) + rng.integers(-30, 31, (side, side, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.jpg", quality=90)
+    return root
+
+
+def _folder(root: Path, size: int | None = None, **kwargs) -> DataConfig:
+    return DataConfig(dataset=f"folder:{root}", folder_image_size=size, **kwargs)
+
+
+def test_folder_splits_hold_files_not_pixels(tmp_path):
+    import tracemalloc
+
+    root = _jpeg_folder(tmp_path / "jpegs", per_class=20)
+    tracemalloc.start()
+    try:
+        data = load_dataset(_folder(root), image_size=256)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    pixels = 40 * 256 * 256 * 3  # what decoding the folder at the model's size would hold: 7.9 MB
+    assert peak < pixels / 8, f"loading traced {peak:,} bytes"
+    for split in (data.train, data.val, data.test):
+        assert isinstance(split, FileSplit) and "x" not in vars(split)  # nothing decoded
+        arrays = [v for v in vars(split).values() if isinstance(v, np.ndarray)]
+        assert all(a.dtype != np.uint8 or a.shape[1:] == (32,) for a in arrays)  # only sha256 digests are bytes
+    assert sum(len(s) for s in (data.train, data.val, data.test)) == 40
+
+
+def test_folder_is_decoded_at_the_model_size_unless_folder_image_size_is_given(tmp_path):
+    root = _jpeg_folder(tmp_path / "jpegs")
+    at_model = load_dataset(_folder(root), image_size=48)
+    assert at_model.native_shape == (48, 48, 3) and at_model.train.size == at_model.test.size == 48
+    assert at_model.info["decode"] == {"size": 48, "chosen_by": "the model's input size", "cache": "none"}
+    x, _ = _epoch(make_pipeline(at_model.train, batch_size=4, training=True))
+    assert x.shape[1:] == (48, 48, 3)
+
+    given = load_dataset(_folder(root, size=24), image_size=48)  # an explicit --folder-image-size wins
+    assert given.native_shape == (24, 24, 3) and given.info["decode"]["chosen_by"] == "--folder-image-size"
+    any_size = load_dataset(_folder(root))  # a model that takes any size (the scratch baselines)
+    assert any_size.native_shape == (ANY_INPUT_SIZE,) * 2 + (3,)
+    # Same files, same splits: the fingerprint does not depend on the decode size.
+    assert at_model.fingerprint() == given.fingerprint() == any_size.fingerprint()
+    # Fixed datasets keep their native size whatever the model takes (it resizes in-graph).
+    assert load_dataset(DataConfig(synthetic_train=20, synthetic_test=10), image_size=96).native_shape == (32, 32, 3)
+
+
+def test_folder_pipeline_decodes_exactly_like_predict_and_serve(tmp_path, image_folder):
+    data = load_dataset(_folder(image_folder, val_split=0.2), image_size=20)
+    x, y = _epoch(make_pipeline(data.train, batch_size=5, training=False))
+    expected = np.stack([decode_image(path, 20) for path in data.train.paths()])
+    np.testing.assert_array_equal(x, expected.astype(np.float32))  # the one decoder, in split order
+    np.testing.assert_array_equal(y, data.train.y)
+    np.testing.assert_array_equal(data.train.images([3, 0]), expected[[3, 0]])
+    shuffled = _epoch(make_pipeline(data.train, batch_size=5, training=True, seed=3))
+    assert sorted(map(bytes, shuffled[0].astype(np.uint8))) == sorted(map(bytes, expected))
+
+
+def test_folder_fingerprint_hashes_paths_and_contents_not_timestamps(tmp_path):
+    root = _jpeg_folder(tmp_path / "jpegs")
+    cfg = _folder(root, size=16)
+    before = load_dataset(cfg).fingerprint()
+    first = root / "red" / "0.jpg"
+    os.utime(first, (1, 1))  # a copy with other timestamps is the same data
+    assert load_dataset(cfg).fingerprint() == before
+    data = bytearray(first.read_bytes())
+    data[-3] ^= 0xFF  # one byte of image data
+    first.write_bytes(bytes(data))
+    changed = load_dataset(cfg).fingerprint()
+    assert changed != before
+    first.rename(root / "red" / "renamed.jpg")
+    assert load_dataset(cfg).fingerprint() not in (before, changed)
+
+
+def test_keras_and_synthetic_fingerprints_are_unchanged():
+    """Pinned: the values the pixel-hashing fingerprint gave before folders streamed (runs keep verifying)."""
+    assert load_dataset(DataConfig(synthetic_train=100, synthetic_test=50, seed=0)).fingerprint() == (
+        "ad49f2e01e237551656d1505d6109db2e013a4007c6df33ef043f08848f067e7")
+    limited = DataConfig(synthetic_train=300, synthetic_test=50, limit_train=40, seed=2)
+    assert load_dataset(limited).fingerprint() == "9ff81972e13c8eb5551e987e5c83b69a79e7621afc71397b33cf4a11858f4898"
+
+
+def test_a_file_that_stops_decoding_mid_run_is_replaced_with_one_warning(tmp_path, caplog):
+    from transfer.evaluate import evaluate
+
+    root = _jpeg_folder(tmp_path / "jpegs", per_class=8)
+    data = load_dataset(_folder(root, val_split=0, test_split=0), image_size=16)
+    broken = data.train.paths()[2]
+    Path(broken).write_bytes(Path(broken).read_bytes()[:200])  # truncated after it was listed
+    with caplog.at_level(logging.WARNING, logger="transfer"):
+        ds = make_pipeline(data.train, batch_size=4, training=True, seed=0)
+        for _ in range(2):
+            _, y = _epoch(ds)  # never stops mid-epoch, keeps its length
+            assert len(y) == len(data.train) == 16
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and broken in warnings[0]
+    assert data.train.failed().tolist() == [i == 2 for i in range(16)]
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(2, activation="softmax")])
+    assert evaluate(model, data.train, data.classes, batch_size=4)["samples"] == 15  # left out of the metrics
+
+
+def test_cache_memory_and_dir_give_the_same_batches(tmp_path):
+    root = _jpeg_folder(tmp_path / "jpegs")
+    data = load_dataset(_folder(root, val_split=0, test_split=0), image_size=24)
+    cache = tmp_path / "cache"
+
+    def two_epochs(split):
+        ds = make_pipeline(split, batch_size=5, training=True, seed=4)
+        return [_epoch(ds) for _ in range(2)]
+
+    plain = two_epochs(data.train)
+    for value in ("memory", resolve_cache(str(cache))):
+        cached = two_epochs(dataclasses.replace(data.train, cache=value))
+        for (xa, ya), (xb, yb) in zip(plain, cached, strict=True):
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+    entries = sorted((cache / "decoded-v1-24px").iterdir())
+    assert len(entries) == 12 and all(e.stat().st_size == 24 * 24 * 3 for e in entries)
+    shutil.rmtree(root)  # the DIR cache alone now feeds the pipeline
+    np.testing.assert_array_equal(two_epochs(dataclasses.replace(data.train, cache=str(cache)))[0][0], plain[0][0])
+
+
+def test_unwritable_cache_dir_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(UserError, match=r"^--cache .*cannot write decoded images") as err:
+            resolve_cache(str(bad))
+        assert "\n" not in str(err.value)
+    assert resolve_cache("memory") == "memory" and resolve_cache(str(tmp_path / "new" / "dir")).endswith("dir")
+    root = _jpeg_folder(tmp_path / "jpegs")
+    with pytest.raises(UserError, match="--cache"):  # refused while loading: before anything is built or trained
+        load_dataset(_WithCache(dataset=f"folder:{root}", cache=str(tmp_path / "file" / "sub")))
+    data = load_dataset(_WithCache(dataset=f"folder:{root}", folder_image_size=None, cache="memory"), image_size=16)
+    assert data.train.cache == data.test.cache == "memory" and data.info["decode"]["cache"] == "memory"
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithCache(DataConfig):
+    """DataConfig with its ``cache`` field (``--cache``), whether or not transfer/config.py has it yet."""
+
+    cache: str = "none"
 
 
 def test_limit_train_is_a_stratified_seeded_subset():

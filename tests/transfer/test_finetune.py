@@ -265,3 +265,49 @@ def test_scratch_backbone_exports_with_inference_batchnorm(tmp_path):
     reference = model.predict(x, verbose=0)
     np.testing.assert_allclose(serve(x).numpy(), reference, atol=1e-5)
     np.testing.assert_allclose(serve(x[:1]).numpy(), reference[:1], atol=1e-5)  # no batch statistics
+
+
+def _colour_folder(root: Path, per_class: int = 12) -> Path:
+    """Two classes of 48 px JPEGs, red and blue with grain: a folder any model separates."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for name, hue in (("blue", (30, 40, 220)), ("red", (220, 40, 30))):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(hue) + rng.integers(-40, 41, (48, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.jpg", quality=90)
+    return root
+
+
+def test_finetune_on_a_folder_trains_at_the_model_size_and_its_export_verifies(tmp_path, capsys):
+    """Files are decoded at the backbone's --image-size (no --folder-image-size): the run's input, model.keras and
+    the manifest are that size; evaluate and export (int8 calibration and verification decode the folder again)
+    work on the streamed splits."""
+    from export.contract import FAILED_EXPORT, VERIFIED
+    from export.exporter import ExportConfig, run_export
+    from transfer.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+    from transfer.recipes import finetune_recipe
+    from transfer.runner import execute, reevaluate
+
+    folder = _colour_folder(tmp_path / "photos")
+    data = DataConfig(dataset=f"folder:{folder}", folder_image_size=None, val_split=0.2, test_split=0.2)
+    train = TrainConfig(batch_size=8, epochs=1, head_epochs=0, tensorboard=False)
+    model_cfg = ModelConfig(backbone="mobilenetv2", weights="none", image_size=40, unfreeze="0")
+    recipe = finetune_recipe(model_cfg, data.dataset, train.seed)
+    run = execute(recipe, data, AugmentConfig(), train, RunConfig(artifacts=str(tmp_path), name="photos"))
+    assert "files decoded at 40x40 (the model's input size; cache none)" in capsys.readouterr().out
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["input"]["shape"] == [40, 40, 3] and manifest["model"]["image_size"] == 40
+    assert manifest["dataset"]["sizes"] == {"train": 14, "val": 5, "test": 5}
+    info = json.loads((run / "dataset.json").read_text())["info"]
+    assert info["decode"] == {"size": 40, "chosen_by": "the model's input size", "cache": "none"}
+    model = keras.models.load_model(run / "model.keras")
+    assert model.input_shape == (None, 40, 40, 3)
+    assert "resize" not in [layer.name for layer in model.layers]  # decoded at the size the backbone sees
+
+    assert reevaluate(run)["accuracy"] == manifest["metrics"]["test_accuracy"]
+    result = run_export(ExportConfig(run_dir=str(run), formats="tflite", quantize="int8", out=str(tmp_path / "exp")))
+    formats = result.manifest["export"]["formats"]
+    assert formats["tflite"]["status"] == VERIFIED, formats["tflite"]
+    assert formats["tflite_int8"]["status"] != FAILED_EXPORT, formats["tflite_int8"]  # calibrated on the folder

@@ -3,7 +3,8 @@
 - :mod:`transfer.data.sources`: the registry of dataset sources (Keras datasets, ``synthetic``, ``folder:PATH``),
   ``load_dataset`` and ``load_run_dataset``
 - :mod:`transfer.data.splits`: ``Split``/``Dataset``, stratified picks, carving, ``limit_train``, fingerprints
-- :mod:`transfer.data.folders`, :mod:`transfer.data.copies`, :mod:`transfer.data.synthetic`: what the sources read
+- :mod:`transfer.data.folders`, :mod:`transfer.data.copies`, :mod:`transfer.data.synthetic`: what the sources read;
+  a folder's splits are ``FileSplit``s (files, decoded on demand at the model's size), the others hold pixel arrays
 - :mod:`transfer.data.pipeline`: tf.data pipelines and augmentation, the only module here that imports TensorFlow
 
 Importing this package imports neither TensorFlow nor Keras; ``make_pipeline`` and ``build_augmenter`` load
@@ -15,7 +16,7 @@ from __future__ import annotations
 import importlib
 
 from transfer.config import AugmentConfig, DataConfig
-from transfer.data.folders import FOLDER_PREFIX, IMAGE_EXTENSIONS
+from transfer.data.folders import FOLDER_PREFIX, IMAGE_EXTENSIONS, FileSplit
 from transfer.data.sources import (
     CIFAR10_CLASSES,
     CIFAR100_CLASSES,
@@ -46,6 +47,7 @@ __all__ = [
     "DataConfig",
     "Dataset",
     "DatasetSource",
+    "FileSplit",
     "Split",
     "build_augmenter",
     "dataset_names",

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from transfer.config import AugmentConfig
-from transfer.data.splits import Split
+from transfer.data.folders import CACHE_MEMORY, file_decoder
 from transfer.errors import UserError
 
 # One row per op, in the order they are applied: (option, layer factory taking the value and a seed).
@@ -41,7 +41,7 @@ def build_augmenter(aug: AugmentConfig, seed: int = 0) -> keras.Sequential | Non
 
 
 def make_pipeline(
-    split: Split,
+    split,
     *,
     batch_size: int,
     training: bool,
@@ -51,16 +51,21 @@ def make_pipeline(
 ) -> tf.data.Dataset:
     """A tf.data pipeline of (float32 0..255 NHWC images, int64 labels) batches; the last batch is kept.
 
-    Training: cache, seeded shuffle reshuffled every epoch, batch, augment, prefetch. Evaluation: cache, batch,
-    prefetch, in order and unaugmented. ``shuffle`` overrides the default (on for training only).
+    Training: seeded shuffle reshuffled every epoch, batch, augment, prefetch. Evaluation: batch, prefetch, in order
+    and unaugmented. ``shuffle`` overrides the default (on for training only). A split of pixel arrays is cached
+    as uint8 first; a split of files (:class:`transfer.data.folders.FileSplit`) is decoded as it is read (see
+    :func:`_file_elements`).
     """
     if batch_size <= 0:
         raise UserError(f"batch_size={batch_size} must be > 0")
     augmenter = build_augmenter(augment, seed) if training and augment is not None else None
     shuffled = training if shuffle is None else shuffle
-    ds = tf.data.Dataset.from_tensor_slices((split.x, split.y.astype(np.int64))).cache()
-    if shuffled:
-        ds = ds.shuffle(max(len(split), 1), seed=seed, reshuffle_each_iteration=True)
+    if split.streamed:
+        ds = _file_elements(split, shuffled, seed)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((split.x, split.y.astype(np.int64))).cache()
+        if shuffled:
+            ds = ds.shuffle(max(len(split), 1), seed=seed, reshuffle_each_iteration=True)
 
     def to_float(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         x = tf.cast(x, tf.float32)  # after batching: the cache and shuffle buffer hold uint8
@@ -72,3 +77,32 @@ def make_pipeline(
     # it with training, and each batch's ops use TensorFlow's intra-op threads.
     parallel = tf.data.AUTOTUNE if augmenter is None else None
     return ds.batch(batch_size).map(to_float, num_parallel_calls=parallel).prefetch(tf.data.AUTOTUNE)
+
+
+def _file_elements(split, shuffled: bool, seed: int) -> tf.data.Dataset:
+    """(uint8 image, int64 label) elements of a split of files, decoded by our Pillow decoder in parallel.
+
+    Memory does not grow with the number of files: the shuffle buffer holds file indices, not pixels, and only the
+    images in flight are decoded (``--cache memory`` is the exception asked for: decoded images are kept after the
+    first epoch). The order is deterministic (decoding runs in parallel, results come out in order), and the same
+    with or without a cache: with ``memory`` the cache is filled in file order and shuffled after it with the same
+    seed and buffer size, which draws the same permutation. A ``--cache DIR`` is read and written per file by the
+    decoder itself, so it keeps the shuffle over file indices (a tf.data file cache could only be shuffled through a
+    buffer of pixels) and is shared by runs at the same size.
+    """
+    decode = file_decoder(split)
+    size = split.size
+
+    def load(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image, label = tf.numpy_function(decode, [index], [tf.uint8, tf.int64], stateful=False)
+        image.set_shape((size, size, 3))
+        label.set_shape(())
+        return image, label
+
+    ds = tf.data.Dataset.from_tensor_slices(np.arange(len(split), dtype=np.int64))  # labels come with the pixels
+    if split.cache == CACHE_MEMORY:
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
+        return ds.shuffle(max(len(split), 1), seed=seed, reshuffle_each_iteration=True) if shuffled else ds
+    if shuffled:
+        ds = ds.shuffle(max(len(split), 1), seed=seed, reshuffle_each_iteration=True)
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)

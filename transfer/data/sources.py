@@ -341,21 +341,23 @@ def get_source(dataset: str) -> DatasetSource:
     raise unknown("dataset", dataset, dataset_names())
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load the dataset ``cfg`` names, with seeded, stratified splits.
+def load_dataset(cfg: DataConfig, image_size: int | None = None) -> Dataset:
+    """Load the dataset ``cfg`` names, with seeded, stratified splits, as a model of input size ``image_size`` reads
+    it (:meth:`Dataset.for_model`: fixed datasets keep their native size, folders are decoded at that size).
 
     A fixed dataset keeps its official test set and gets a validation split carved from training data; folders
     without val/ or test/ sub-folders get carved ones. Raises UserError for unknown names, missing or unreadable
     data, and splits too small to hold every class.
     """
-    return get_source(cfg.dataset).load(cfg)
+    return get_source(cfg.dataset).load(cfg).for_model(image_size)
 
 
 def load_run_dataset(manifest: dict, run_dir: Path, way_out: str = "retrain") -> Dataset:
     """A complete run's dataset rebuilt from its stored config; refuses data that differs from what it was trained on
     (dataset fingerprint). ``way_out`` ends the error message (e.g. "pass --no-verify")."""
     data_cfg = DataConfig(**manifest["config"]["data"])
-    dataset = load_dataset(data_cfg)
+    trained_size = manifest.get("input", {}).get("shape", [None])[0]
+    dataset = load_dataset(data_cfg, image_size=trained_size)  # a folder is decoded at the size the run trained at
     if dataset.fingerprint() != manifest["dataset"]["fingerprint"]:
         raise UserError(f"the data of '{data_cfg.dataset}' differs from what run '{Path(run_dir).name}' was trained "
                         f"on (dataset fingerprint changed); restore the original data or {way_out}")

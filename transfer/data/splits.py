@@ -1,10 +1,16 @@
 """Split containers and seeded, stratified splitting: carving val/test out of a split, limit_train, fingerprints.
 
+A split is anything with ``y`` (int64 labels), ``len``, ``take(index)`` (a sub-split), ``images(index)`` (uint8 pixels
+of the samples asked for), ``x`` (all pixels: small splits only), ``content_digest()`` (its part of the dataset
+fingerprint) and ``streamed`` (whether pixels come from files as they are read): :class:`Split` holds pixel arrays
+(Keras datasets, synthetic), :class:`transfer.data.folders.FileSplit` holds files decoded on demand.
+
 NumPy only: nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -17,6 +23,9 @@ from transfer.errors import UserError
 
 # Purposes mixed into the user's seed so that every random draw has its own stream.
 SEED_VAL, SEED_TEST, SEED_LIMIT, SEED_SYNTH_TRAIN, SEED_SYNTH_TEST = range(1, 6)
+# The size files are decoded at for a model that takes any input size (the scratch baselines: their native input,
+# the 32x32 of the CIFAR seed documents they come from) when --folder-image-size is not given.
+ANY_INPUT_SIZE = 32
 
 
 @dataclass
@@ -25,33 +34,72 @@ class Split:
 
     x: np.ndarray
     y: np.ndarray
+    streamed = False  # pixels are in memory
 
     def __len__(self) -> int:
         return len(self.y)
 
+    def take(self, index: np.ndarray) -> Split:
+        """The samples at ``index``."""
+        return Split(self.x[index], self.y[index])
+
+    def images(self, index: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
+        """uint8 pixels of the samples at ``index`` (all when None), at the split's own size."""
+        return self.x if index is None else self.x[np.asarray(index, np.int64)]
+
+    def content_digest(self) -> bytes:
+        """This split's part of the dataset fingerprint: shape, labels and pixels."""
+        content = hashlib.sha256(str(self.x.shape).encode())
+        content.update(np.ascontiguousarray(self.y, dtype="<i8").data)
+        content.update(np.ascontiguousarray(self.x).data)
+        return content.digest()
+
 
 @dataclass
 class Dataset:
-    """A loaded dataset: class names, the three splits, the native image shape and JSON-able provenance."""
+    """A loaded dataset: class names, the three splits, the input shape and JSON-able provenance.
+
+    ``native_shape`` is the shape of the splits' images: a Keras dataset's own (a model resizes in-graph), or for a
+    folder the size its files are decoded at; None for a folder whose size the model decides (:meth:`for_model`).
+    """
 
     name: str
     classes: list[str]
     train: Split
     val: Split
     test: Split
-    native_shape: tuple[int, int, int]
+    native_shape: tuple[int, int, int] | None
     info: dict = field(default_factory=dict)
 
+    def for_model(self, image_size: int | None) -> Dataset:
+        """The dataset as a model taking ``image_size`` x ``image_size`` images reads it.
+
+        A dataset with a native shape is returned as it is (the model resizes in-graph). Files without one (a
+        folder without --folder-image-size) are decoded at the model's input size, so the run's input size (and
+        its exported model's) is that size; a model of any input size (None) gets :data:`ANY_INPUT_SIZE`.
+        """
+        if self.native_shape is not None:
+            return self
+        if image_size is None:
+            return self.decoded_at(ANY_INPUT_SIZE, "the default for models of any input size")
+        return self.decoded_at(image_size, "the model's input size")
+
+    def decoded_at(self, size: int, chosen_by: str) -> Dataset:
+        """A dataset of files decoded at ``size`` x ``size`` (``chosen_by`` says why, in info["decode"])."""
+        splits = {name: getattr(self, name).at_size(size) for name in ("train", "val", "test")}
+        decode = {"size": int(size), "chosen_by": chosen_by, "cache": splits["train"].cache}
+        return dataclasses.replace(self, **splits, native_shape=(int(size), int(size), 3),
+                                   info={**self.info, "decode": decode})
+
     def fingerprint(self) -> str:
-        """A sha256 over name, classes, split sizes, labels and pixels: equal only for identical splits."""
+        """A sha256 over name, classes, split sizes, labels and each split's content (pixels; for folders, the
+        files' relative paths and content digests, whatever size they are decoded at): equal only for identical
+        splits."""
         splits = {"train": self.train, "val": self.val, "test": self.test}
         header = {"name": self.name, "classes": self.classes, "sizes": {k: len(s) for k, s in splits.items()}}
         digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
         for split in splits.values():
-            content = hashlib.sha256(str(split.x.shape).encode())
-            content.update(np.ascontiguousarray(split.y, dtype="<i8").data)
-            content.update(np.ascontiguousarray(split.x).data)
-            digest.update(content.digest())
+            digest.update(split.content_digest())
         return digest.hexdigest()
 
 
@@ -91,9 +139,9 @@ def share(total: int, fraction: float) -> int:
     return 0 if fraction == 0 else max(1, round(total * fraction))
 
 
-def take(split: Split, index: np.ndarray) -> Split:
-    """The samples of ``split`` at ``index``."""
-    return Split(split.x[index], split.y[index])
+def take(split, index: np.ndarray):
+    """The samples of ``split`` (any split kind) at ``index``."""
+    return split.take(index)
 
 
 def carve(split: Split, n: int, seed: tuple[int, int], classes: Sequence[str], what: str) -> tuple[Split, Split]:
@@ -115,7 +163,7 @@ def assemble(
     name: str,
     classes: Sequence[str],
     splits: dict[str, Split],
-    shape: tuple[int, int, int],
+    shape: tuple[int, int, int] | None,
     cfg: DataConfig,
     info: dict,
     sources: dict[str, str],
