@@ -2,7 +2,9 @@
 #   docker build -t transfer-serve .
 #   docker run --rm -p 8080:8080 -v $PWD/artifacts/exports:/models:ro transfer-serve
 # Serves every export directory mounted under /models (each by folder name). Set TRANSFER_SERVE_API_KEY to require
-# a bearer token. One worker per container: scale with replicas behind a load balancer (see docs/serve.md).
+# a bearer token (without it the server warns, in one line, that 0.0.0.0 is reachable). One worker per container:
+# scale with replicas behind a load balancer. Size the container's memory with the worst-case formula the server logs
+# at start (docs/serve.md, "Limits"); connections are capped below the open-file limit (docker run --ulimit nofile=...).
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -1,7 +1,8 @@
 """The FastAPI app factory: ``create_app(settings)`` builds one app around a ServeState (serve/state.py, on
-``app.state.serve``): a lifespan that opens and warms up the models, the body-limit/metrics middleware
+``app.state.serve``): a lifespan that opens and warms up the models, the limits/metrics middleware
 (serve/middleware.py), the exception handlers that give every error one JSON shape (serve/errors.py), and the routes
-of the routers in ROUTERS. ``app_from_env`` is the factory of ``--workers N`` processes.
+of the routers in ROUTERS (the documentation routes too: FastAPI's own are off, so that they can require the API
+key). ``app_from_env`` is the factory of ``--workers N`` processes.
 
 No endpoint is defined here: each is a function in one router module of serve/routes/; the auth check is
 serve/auth.py.
@@ -11,24 +12,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from serve.engine import Batcher, tune_switch_interval
 from serve.errors import ApiError, BodyTooLarge, error_response
+from serve.inputs import harden_pillow
+from serve.limits import BudgetSpent, memory_bound
 from serve.middleware import Limits
 from serve.model import OnnxModel, discover
-from serve.routes import inference, models, operations
-from serve.settings import Settings
+from serve.protocol import RETRY_AFTER_S
+from serve.routes import docs, inference, models, operations
+from serve.settings import MB, Settings
 from serve.state import Served, ServeState, state_of
 
 log = logging.getLogger("serve")
 
-ROUTERS = (inference.router, models.router, operations.router)  # matched in this order
+ROUTERS = (inference.router, models.router, operations.router, docs.router)  # matched in this order
+
 
 
 @asynccontextmanager
@@ -47,6 +55,11 @@ async def lifespan(app: FastAPI):
         await batcher.start()
         state.served[export.name] = Served(model, batcher)
         log.info("serving %s from %s (%d inference streams x %d threads)", export.name, export.path, streams, threads)
+    state.base_rss = resident_bytes()
+    if state.base_rss:
+        bound = memory_bound(settings, state.base_rss)
+        log.info("worst-case memory of this process and its bulk process: %.0f MB (%s; docs/serve.md, Limits)",
+                 bound["total"] / MB, ", ".join(f"{k} {v / MB:.0f}" for k, v in bound.items() if k != "total"))
     state.ready = True
     try:
         yield
@@ -56,12 +69,43 @@ async def lifespan(app: FastAPI):
             await entry.batcher.stop()
         state.served.clear()
         state.decode_pool.shutdown(wait=False, cancel_futures=True)
+        state.bulk.stop()
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux /proc; None elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     state_of(request).metrics.rejected.labels(exc.kind).inc()
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if exc.status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+async def _budget_spent(request: Request, exc: BudgetSpent) -> JSONResponse:
+    state_of(request).metrics.rejected.labels("overloaded").inc()
+    return error_response(503, "overloaded", str(exc), {"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def _bulk_died(request: Request, exc: BrokenProcessPool) -> JSONResponse:
+    state_of(request).metrics.rejected.labels("overloaded").inc()
+    return error_response(503, "overloaded", "the bulk process stopped (out of memory?); retry",
+                          {"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    """The client closed the connection while its body was read: nobody will read this answer (nginx's 499)."""
+    state_of(request).metrics.rejected.labels("client_closed_request").inc()
+    return error_response(499, "client_closed_request", "the client closed the connection")
 
 
 async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
@@ -84,16 +128,20 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", "internal server error")
 
 
-EXCEPTION_HANDLERS = {ApiError: _api_error, BodyTooLarge: _too_large, StarletteHTTPException: _http_error,
-                      RequestValidationError: _validation_error, Exception: _internal}
+EXCEPTION_HANDLERS = {ApiError: _api_error, BodyTooLarge: _too_large, BudgetSpent: _budget_spent,
+                      ClientDisconnect: _client_gone, BrokenProcessPool: _bulk_died,
+                      StarletteHTTPException: _http_error, RequestValidationError: _validation_error,
+                      Exception: _internal}
 
 
 def create_app(settings: Settings) -> FastAPI:
     """The service for ``settings``; models are opened and warmed up when the app starts (its lifespan)."""
-    app = FastAPI(title="transfer serve", version="1", lifespan=lifespan,
+    harden_pillow()
+    app = FastAPI(title="transfer serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None,  # serve.routes.docs serves them, behind the API key when there is one
                   description="Image classification with ONNX Runtime over models exported by `transfer export`.")
     state = app.state.serve = ServeState(settings)
-    app.add_middleware(Limits, settings=settings, metrics=state.metrics, routes_of=lambda: app.routes)
+    app.add_middleware(Limits, state=state, routes_of=lambda: app.routes)
     for exc_class, handler in EXCEPTION_HANDLERS.items():
         app.add_exception_handler(exc_class, handler)
     for router in ROUTERS:
@@ -107,5 +155,10 @@ def create_app(settings: Settings) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory`` worker processes (settings from the environment)."""
+    from serve.limits import tune_malloc
+
     tune_switch_interval()
-    return create_app(Settings.from_env())
+    tune_malloc()
+    app = create_app(Settings.from_env())
+    app.state.serve.bulk.start()
+    return app

@@ -16,6 +16,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.kind, self.message = status, kind, message
 
+    def __reduce__(self):  # picklable: the JSON parser process raises these (serve/jsonparse.py)
+        return type(self), (self.status, self.kind, self.message)
+
     def body(self) -> dict:
         return {"error": self.message, "type": self.kind, "status": self.status}
 

@@ -1,19 +1,24 @@
-"""Request payloads to model inputs: image bytes, base64 JSON and TF-Serving pixel arrays, every failure an ApiError."""
+"""Image bytes to model inputs with bounded memory, every failure an ApiError (JSON payloads: serve/jsonparse.py).
+
+A request's images are checked on their headers before anything is decoded (each against ``--max-pixels``, all
+together against ``--max-request-pixels``, each one's decoding cost against ``--decode-memory-mb``), then decoded one
+at a time into a preallocated batch; each image's pixels are freed as soon as it is resized. ``decode_cost`` is what
+one decode may hold at its peak, by the mode of the image (measured; tests/serve hold it to the real peak).
+"""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import functools
 import io
-import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from serve.errors import ApiError
+from serve.settings import MB
 from transfer.images import DECODE_ERRORS, ImageTooLarge, image_to_array, open_image
 
 # Pillow plugins the server lets untrusted bytes reach (no PostScript/EPS, which would run Ghostscript).
@@ -30,6 +35,21 @@ def image_formats() -> tuple[str, ...]:
 # Images up to this many pixels (as their headers announce) decode on the event loop: faster than handing them to a
 # thread, and short enough (well under a millisecond) not to hold other requests up.
 INLINE_PIXELS = 256 * 256
+
+# Peak bytes per pixel of one decode (transfer.images.image_to_array: load, EXIF transpose, to RGB, resize; the image's
+# own pixels included) by the mode of the image as it will be decoded, measured with Pillow 13 on large single-colour
+# images (tests/serve: test_decode_cost_bounds_the_real_peak). Pillow keeps RGB in 4 bytes per pixel, and both the
+# EXIF step and the conversion to RGB copy the image; modes with alpha composite on white through three more copies;
+# 16- and 32-bit modes go through float64 NumPy arrays.
+BYTES_PER_PIXEL = {"1": 7, "L": 7, "P": 7, "RGB": 13, "YCbCr": 13, "CMYK": 13, "LAB": 13, "HSV": 13,
+                   "RGBA": 25, "RGBa": 25, "LA": 25, "La": 25, "PA": 25, "I": 33, "F": 33}
+BYTES_PER_PIXEL_16BIT = 31  # I;16, I;16B, I;16L, I;16N
+BYTES_PER_PIXEL_P_ALPHA = 19  # palette images with a transparent colour
+BYTES_PER_PIXEL_UNKNOWN = 48
+WEBP_EXTRA = 8  # WebP decodes through one more full-size buffer
+PNG_TEXT_MEMORY = 2 * MB  # text chunks Pillow may decompress from one PNG (its default, 64 MB, set in harden_pillow)
+DECODE_OVERHEAD = PNG_TEXT_MEMORY + 2 * MB  # text chunks, the resized array, the decoder's own buffers
+INLINE_COST = INLINE_PIXELS * BYTES_PER_PIXEL_UNKNOWN + DECODE_OVERHEAD  # a small image decoded on the event loop
 
 
 @contextlib.contextmanager
@@ -49,124 +69,103 @@ def _decode_errors(index: int):
                        f"image {index} could not be decoded (not a supported image, or truncated): {exc}") from exc
 
 
-def open_images(blobs: Sequence[bytes], max_pixels: int) -> list[Image.Image]:
-    """Every image opened with its header checked (format, pixel count); nothing is decoded yet."""
-    opened: list[Image.Image] = []
-    try:
-        for i, data in enumerate(blobs):
-            if not data:
-                raise ApiError(400, "empty_image", f"image {i} is empty")
-            with _decode_errors(i):
-                opened.append(open_image(io.BytesIO(data), max_pixels=max_pixels, formats=image_formats()))
-    except BaseException:
-        for image in opened:
+def harden_pillow() -> None:
+    """Process-wide Pillow limits of a server: text chunks of one PNG decompress to at most PNG_TEXT_MEMORY."""
+    from PIL import PngImagePlugin
+
+    PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_MEMORY
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an image's header announces, and what decoding it will cost."""
+
+    width: int
+    height: int
+    mode: str
+    cost: int  # bytes its decode may hold at its peak
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def decode_cost(image: Image.Image) -> int:
+    """Peak bytes that decoding ``image`` (opened, not loaded, after ``draft``) may hold."""
+    mode = image.mode
+    per_pixel = BYTES_PER_PIXEL.get(mode) or (BYTES_PER_PIXEL_16BIT if mode.startswith("I;16") else
+                                              BYTES_PER_PIXEL_UNKNOWN)
+    if mode == "P" and "transparency" in image.info:
+        per_pixel = BYTES_PER_PIXEL_P_ALPHA
+    if image.format == "WEBP":
+        per_pixel += WEBP_EXTRA
+    return image.width * image.height * per_pixel + DECODE_OVERHEAD
+
+
+def _open(data: bytes, index: int, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ApiError(400, "empty_image", f"image {index} is empty")
+    return open_image(io.BytesIO(data), max_pixels=max_pixels, formats=image_formats())
+
+
+def read_header(data: bytes, index: int, size: tuple[int, int], max_pixels: int) -> Header:
+    """Image ``index``'s header, checked against ``max_pixels``; nothing is decoded."""
+    with _decode_errors(index):
+        image = _open(data, index, max_pixels)
+        try:
+            width, height = image.size
+            image.draft("RGB", (size[1], size[0]))  # JPEG: the reduced scale decoding will use, as image_to_array
+            return Header(width, height, image.mode, decode_cost(image))
+        finally:
             image.close()
-        raise
-    return opened
 
 
-def pixel_count(images: Sequence[Image.Image]) -> int:
-    """Pixels the opened images' headers announce."""
-    return sum(image.width * image.height for image in images)
+class HeaderCheck:
+    """The limits a request's images are held to on their headers, one image at a time (``add``), so that a body
+    read as it arrives can be refused at the first image that breaks one: 413 when an image is too large, the images
+    are too many, their pixels add up to more than ``max_request_pixels``, or one would need more than ``max_cost``
+    bytes (the whole decode budget) to decode."""
+
+    def __init__(self, size: tuple[int, int], max_pixels: int, max_request_pixels: int, max_images: int,
+                 max_cost: int) -> None:
+        self.size, self.max_pixels, self.max_request_pixels = size, max_pixels, max_request_pixels
+        self.max_images, self.max_cost = max_images, max_cost
+        self.headers: list[Header] = []
+        self.pixels = 0
+
+    def add(self, index: int, data: bytes) -> Header:
+        if index >= self.max_images:
+            raise ApiError(413, "too_many_images", f"at most {self.max_images} images per request")
+        header = read_header(data, index, self.size, self.max_pixels)
+        self.pixels += header.pixels
+        if self.pixels > self.max_request_pixels:
+            raise ApiError(413, "too_many_pixels", f"the images of this request announce more than "
+                           f"{self.max_request_pixels:,} pixels together (image {index} brings them to "
+                           f"{self.pixels:,}); send fewer or smaller images")
+        if header.cost > self.max_cost:
+            raise ApiError(413, "image_too_large", f"image {index} ({header.width}x{header.height}, {header.mode}) "
+                           f"needs {header.cost / MB:,.0f} MB to decode; this server decodes at most "
+                           f"{self.max_cost / MB:,.0f} MB at once (--decode-memory-mb)")
+        self.headers.append(header)
+        return header
 
 
-def decode_opened(images: Sequence[Image.Image], size: tuple[int, int]) -> np.ndarray:
-    """Opened images decoded exactly like the training pipeline, as one float32 (N, H, W, 3) batch; closes them."""
-    arrays = []
-    try:
-        for i, image in enumerate(images):
-            with _decode_errors(i):
-                arrays.append(image_to_array(image, size))
-    finally:
-        for image in images[len(arrays):]:
+def decode_array(data: bytes, index: int, size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """Image ``index`` decoded exactly like the training pipeline: uint8 (H, W, 3). Its decoded pixels are freed
+    before this returns: ``image_to_array`` leaves them on the image object (its ``with image:`` releases nothing in
+    Pillow 13), ``close`` does. A module-level function: large images run it in the bulk process."""
+    with _decode_errors(index):
+        image = _open(data, index, max_pixels)
+        try:
+            return image_to_array(image, size)
+        finally:
             image.close()
-    return np.stack(arrays).astype(np.float32)
 
 
 def decode_all(blobs: Sequence[bytes], size: tuple[int, int], max_pixels: int) -> np.ndarray:
-    """Image bytes as one float32 (N, H, W, 3) batch (open, check, decode)."""
-    return decode_opened(open_images(blobs, max_pixels), size)
-
-
-def parse_json(body: bytes) -> object:
-    """JSON from a request body; malformed, non-UTF-8 or absurdly nested documents are a 400."""
-    if not body:
-        raise ApiError(400, "empty_body", "the request body is empty; send JSON")
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {str(exc)[:200]}") from exc
-
-
-def b64_images(payload: object, max_images: int) -> list[bytes]:
-    """Image bytes from ``{"instances": [{"b64": ...} | {"image": {"b64": ...}} | "<b64>", ...]}``."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
-        raise ApiError(400, "invalid_request", 'expected {"instances": [{"b64": "<base64 image>"}, ...]}')
-    instances = payload["instances"]
-    _check_count(len(instances), max_images)
-    blobs = []
-    for i, inst in enumerate(instances):
-        if isinstance(inst, dict) and isinstance(inst.get("image"), dict):
-            inst = inst["image"]
-        text = inst.get("b64") if isinstance(inst, dict) else inst
-        if not isinstance(text, str):
-            raise ApiError(400, "invalid_request", f'instance {i} must be {{"b64": "<base64 image>"}}')
-        try:
-            blobs.append(base64.b64decode(text, validate=True))
-        except (binascii.Error, ValueError) as exc:
-            raise ApiError(400, "invalid_base64", f"instance {i} is not valid base64: {exc}") from exc
-    return blobs
-
-
-def _check_count(n: int, max_images: int) -> None:
-    if n == 0:
-        raise ApiError(400, "no_images", "the request holds no images")
-    if n > max_images:
-        raise ApiError(413, "too_many_images", f"{n} images in one request; at most {max_images} are accepted")
-
-
-def _pixels(value: object, what: str) -> np.ndarray:
-    """Nested lists of numbers as a float32 array; strings, booleans, ragged lists, NaN/Inf are refused."""
-    try:
-        array = np.asarray(value)
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise ApiError(400, "invalid_pixels", f"{what} is not a rectangular array of numbers") from exc
-    if array.dtype.kind not in "iuf":
-        raise ApiError(400, "invalid_dtype", f"{what} must hold numbers (float32 pixels 0..255), got {array.dtype}")
-    with np.errstate(over="ignore"):
-        array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise ApiError(400, "non_finite", f"{what} holds NaN or infinite values")
-    if array.size and (array.min() < 0 or array.max() > 255):
-        raise ApiError(400, "out_of_range", f"{what} has values outside the model's input range 0..255")
-    return array
-
-
-def pixel_batch(payload: object, input_name: str, shape: tuple[int, int, int], max_images: int
-                ) -> tuple[np.ndarray, bool]:
-    """A float32 (N, H, W, 3) batch from a TF-Serving predict body, and whether it was columnar (``inputs``)."""
-    if not isinstance(payload, dict) or ("instances" in payload) == ("inputs" in payload):
-        raise ApiError(400, "invalid_request", 'expected exactly one of "instances" (rows) or "inputs" (columns)')
-    signature = payload.get("signature_name", "serving_default")
-    if signature != "serving_default":
-        raise ApiError(400, "invalid_request", f"unknown signature_name {signature!r}; the model has serving_default")
-    columnar = "inputs" in payload
-    data = payload["inputs"] if columnar else payload["instances"]
-    if isinstance(data, dict):
-        if set(data) != {input_name}:
-            raise ApiError(400, "invalid_request", f"named inputs must be exactly {{{input_name!r}: ...}}")
-        data = data[input_name]
-    if not columnar:
-        if not isinstance(data, list):
-            raise ApiError(400, "invalid_request", '"instances" must be a list')
-        data = [inst[input_name] if isinstance(inst, dict) and set(inst) == {input_name} else inst for inst in data]
-        if any(isinstance(inst, dict) for inst in data):
-            raise ApiError(400, "invalid_request", f"named instances must be exactly {{{input_name!r}: [[...]]}}")
-    if not isinstance(data, list):
-        raise ApiError(400, "invalid_shape", f"expected a batch of images shaped [N, {', '.join(map(str, shape))}]")
-    _check_count(len(data), max_images)
-    batch = _pixels(data, '"inputs"' if columnar else '"instances"')
-    if batch.shape[1:] != shape:
-        raise ApiError(400, "invalid_shape", f"pixel arrays must be shaped [N, {', '.join(map(str, shape))}] "
-                       f"(the model's input size), got {list(batch.shape)}")
-    return batch, columnar
+    """Image bytes as one float32 (N, H, W, 3) batch, decoded one at a time (benchmarks; the server decodes through
+    its decode budget)."""
+    batch = np.empty((len(blobs), *size, 3), np.float32)
+    for i, data in enumerate(blobs):
+        batch[i] = decode_array(data, i, size, max_pixels)
+    return batch

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware around the whole app: the request body size limit and the per-request metrics."""
+"""Pure ASGI middleware around the whole app: how many requests may be in progress, the request body size limit,
+the buffer budget that bodies count against as they arrive, and the per-request metrics."""
 
 from __future__ import annotations
 
@@ -8,17 +9,29 @@ from collections.abc import Callable, Sequence
 from starlette.routing import BaseRoute, Match
 
 from serve.errors import BodyTooLarge, error_response
-from serve.metrics import Metrics
-from serve.settings import Settings
+from serve.limits import HELD_KEY, Held
+from serve.protocol import RETRY_AFTER_S
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Probes and scraping are never refused for load: a busy server is alive, and says so.
+UNCOUNTED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _expects_body(headers: dict[bytes, bytes]) -> bool:
+    length = headers.get(b"content-length")
+    return (length is not None and length.strip() not in (b"", b"0")) or b"chunked" in headers.get(
+        b"transfer-encoding", b"").lower()
 
 
 class Limits:
-    """Body size limit (Content-Length checked up front, streamed bytes counted) and request metrics by route."""
+    """Requests in progress (503 with Retry-After beyond ``max_concurrent_requests``), body size (Content-Length
+    checked up front, streamed bytes counted), the buffer budget (received body bytes held until the request ends)
+    and request metrics by route. An error answered before the body was read in full closes the connection, so the
+    rest of the body is never read."""
 
-    def __init__(self, app, settings: Settings, metrics: Metrics, routes_of: Callable[[], Sequence[BaseRoute]]) -> None:
-        self.app, self.settings, self.metrics, self.routes_of = app, settings, metrics, routes_of
+    def __init__(self, app, state, routes_of: Callable[[], Sequence[BaseRoute]]) -> None:
+        self.app, self.state, self.routes_of = app, state, routes_of
+        self.settings, self.metrics = state.settings, state.metrics
 
     def _route(self, scope) -> str:
         for route in self.routes_of():
@@ -31,14 +44,27 @@ class Limits:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, status = time.perf_counter(), [500]
+        headers = dict(scope["headers"])
+        body_done = [not _expects_body(headers)]
 
         async def send_and_record(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if not body_done[0] and message["status"] >= 400:  # unread body: close rather than read it
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
+        state = self.state
+        counted = scope["path"] not in UNCOUNTED_PATHS
+        held = scope[HELD_KEY] = Held(state.buffers)
         try:
-            length = dict(scope["headers"]).get(b"content-length")
+            if counted and state.in_flight >= self.settings.max_concurrent_requests:
+                self.metrics.rejected.labels("overloaded").inc()
+                response = error_response(503, "overloaded", f"{state.in_flight} requests are in progress; retry later",
+                                          {"Retry-After": str(RETRY_AFTER_S)})
+                await response(scope, receive, send_and_record)
+                return
+            length = headers.get(b"content-length")
             limit = self.settings.max_body_bytes
             if length is not None and (not length.isdigit() or int(length) > limit):
                 response = (error_response(413, "body_too_large", f"request body exceeds {limit:,} bytes")
@@ -51,13 +77,24 @@ class Limits:
                 nonlocal seen
                 message = await receive()
                 if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
+                    chunk = len(message.get("body", b""))
+                    seen += chunk
                     if seen > limit:
                         raise BodyTooLarge
+                    held.take(chunk)  # BudgetSpent: 503 (serve.app)
+                    if not message.get("more_body", False):
+                        body_done[0] = True
                 return message
 
-            await self.app(scope, limited_receive, send_and_record)
+            if counted:
+                state.in_flight += 1
+            try:
+                await self.app(scope, limited_receive, send_and_record)
+            finally:
+                if counted:
+                    state.in_flight -= 1
         finally:
+            held.give_back_all()
             # The router leaves the matched route in the scope; only requests refused before routing are matched here.
             route = getattr(scope.get("route"), "path", None) or self._route(scope)
             method = scope.get("method", "")

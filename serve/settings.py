@@ -12,6 +12,7 @@ from pathlib import Path
 from transfer.config import option
 from transfer.errors import UserError
 
+MB = 2**20
 ENV_VAR = "TRANSFER_SERVE_SETTINGS"  # how `--workers N` hands the settings to each worker process
 
 
@@ -46,10 +47,24 @@ class Settings:
     streams: int = option(0, "batches of one model run at the same time (0 = auto: one 1-thread stream per core)")
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 (or set TRANSFER_SERVE_API_KEY)",
                                  metavar="KEY", default_text="none", repr=False)
-    max_body_bytes: int = option(16 * 1024 * 1024, "largest request body", cli=False)  # flag: --max-body-mb
+    max_body_bytes: int = option(16 * MB, "largest request body", cli=False)  # flag: --max-body-mb
+    max_json_bytes: int = option(8 * MB, "largest JSON body", cli=False)  # flag: --max-json-mb
     max_pixels: int = option(40_000_000, "largest image, in pixels (checked on the header before decoding)")
+    max_request_pixels: int = option(100_000_000, "most pixels per request, all its images together (checked on "
+                                     "the headers before decoding)")
     max_images: int = option(64, "most images per request")
     request_timeout_s: float = option(30.0, "seconds per request", flag="request-timeout")
+    # Memory and connection limits (docs/serve.md, "Limits": the worst-case memory formula they add up to).
+    decode_memory_bytes: int = option(640 * MB, "memory all decodes in progress may hold together", cli=False)
+    buffered_bytes: int = option(128 * MB, "memory request bodies and decoded batches may hold together", cli=False)
+    max_concurrent_requests: int = option(128, "requests in progress at once (beyond: 503 with Retry-After; "
+                                          "/healthz, /readyz and /metrics are not counted)")
+    max_connections: int = option(1000, "open connections (beyond: 503 and closed; lowered to fit the open-file "
+                                  "limit)")
+    header_timeout_s: float = option(10.0, "seconds a client has to send a request's headers (then 408, closed)",
+                                     flag="header-timeout")
+    keep_alive_s: float = option(5.0, "seconds an idle keep-alive connection stays open", flag="keep-alive")
+    max_header_bytes: int = option(32 * 1024, "largest request head (request line and headers; beyond: 431)")
     max_queue_images: int = option(4096, "images queued per model before the server sheds load with 503")
     default_top_k: int = option(5, "labels per image when a request gives no top_k")
     warmup: bool = option(True, "run each model once at every batch size before serving", cli=False)
@@ -58,16 +73,21 @@ class Settings:
         object.__setattr__(self, "export_dirs", tuple(str(p) for p in self.export_dirs))
         if not self.export_dirs and not self.model_repo:
             raise UserError("nothing to serve: give an EXPORT_DIR or --model-repo DIR")
-        positive = ("max_batch", "workers", "max_body_bytes", "max_pixels", "max_images", "max_queue_images",
-                    "default_top_k")
+        positive = ("max_batch", "workers", "max_body_bytes", "max_json_bytes", "max_pixels", "max_request_pixels",
+                    "max_images", "max_queue_images", "default_top_k", "decode_memory_bytes", "buffered_bytes",
+                    "max_concurrent_requests", "max_connections", "max_header_bytes")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         for name in ("batch_timeout_ms", "threads", "streams"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
-        if self.request_timeout_s <= 0:
-            raise UserError(f"request-timeout={self.request_timeout_s} must be > 0")
+        for name, flag in (("request_timeout_s", "request-timeout"), ("header_timeout_s", "header-timeout"),
+                           ("keep_alive_s", "keep-alive")):
+            if not getattr(self, name) > 0:  # NaN too
+                raise UserError(f"{flag}={getattr(self, name)} must be > 0")
+        if self.max_header_bytes < 1024:
+            raise UserError(f"max-header-bytes={self.max_header_bytes} must be >= 1024")
         if not 0 <= self.port <= 65535:
             raise UserError(f"port={self.port} is out of range 0..65535")
         if self.api_key is not None and not self.api_key.strip():

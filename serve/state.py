@@ -1,5 +1,6 @@
-"""What one app instance holds while it runs: its settings, metrics, the served models, readiness and the decode
-pool. The app factory puts one ServeState on ``app.state.serve``; routes reach it with ``state_of(request)``."""
+"""What one app instance holds while it runs: its settings, metrics, the served models, readiness, the decode pool
+the bulk process, the budgets that bound its memory and the count of requests in progress. The app factory puts
+one ServeState on ``app.state.serve``; routes reach it with ``state_of(request)``."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from export.contract import NAME_PATTERN
+from serve.bulk import BulkProcess
 from serve.engine import Batcher
 from serve.errors import ApiError
+from serve.limits import BufferBudget, DecodeBudget
 from serve.metrics import Metrics
 from serve.model import OnnxModel
 from serve.settings import Settings
@@ -33,8 +36,13 @@ class ServeState:
         self.metrics = Metrics()
         self.served: dict[str, Served] = {}
         self.ready = False
-        # Images above serve.inputs.INLINE_PIXELS decode here, off the event loop.
+        # Images above serve.inputs.INLINE_PIXELS decode here, off the event loop, within the decode budget.
         self.decode_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode")
+        self.bulk = BulkProcess()  # large images and JSON bodies, in a separate process (serve/bulk.py)
+        self.decode_budget = DecodeBudget(settings.decode_memory_bytes, self.decode_pool, self.bulk)
+        self.buffers = BufferBudget(settings.buffered_bytes)  # bodies and batches of the requests in progress
+        self.in_flight = 0  # requests in progress (serve.middleware.Limits)
+        self.base_rss: int | None = None  # resident bytes once the models were warmed up (the formula's base)
 
     def lookup(self, name: str) -> Served:
         """The model served as ``name``: 400 for a malformed name, 404 for an unknown one."""

@@ -1,6 +1,9 @@
 """Inference routes: ``POST /v1/models/{name}:classify`` (images in, top-k labels out) and ``:predict`` (TF-Serving
 JSON on decoded pixels). Both read the body, decode and queue the images on the model's Batcher within the request
-timeout.
+timeout. Images are checked on their headers first, then decoded one at a time into a batch the request holds against
+the server's buffer budget: small ones on the event loop, larger ones on the decode threads and the largest in the
+bulk process (serve/bulk.py), within the decode budget (serve/limits.py); a request that times out or whose client
+has gone stops decoding. Large JSON bodies are parsed in the bulk process too.
 
 This router has no router-level auth dependency, so that :classify can await ``authorize`` itself (see there): a new
 route here declares ``dependencies=[Depends(authorize)]`` as :predict does.
@@ -9,6 +12,7 @@ route here declares ``dependencies=[Depends(authorize)]`` as :predict does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -17,16 +21,10 @@ from fastapi.responses import JSONResponse
 from serve.auth import authorize
 from serve.engine import Overloaded
 from serve.errors import ApiError
-from serve.inputs import (
-    INLINE_PIXELS,
-    b64_images,
-    decode_opened,
-    open_images,
-    parse_json,
-    pixel_batch,
-    pixel_count,
-)
-from serve.settings import Settings
+from serve.inputs import INLINE_PIXELS, Header, HeaderCheck, decode_array
+from serve.jsonparse import b64_payload, parse_body, predict_payload
+from serve.limits import HELD_KEY, BudgetSpent
+from serve.multipart import read_files
 from serve.state import Served, ServeState, state_of
 
 router = APIRouter(tags=["inference"])
@@ -83,27 +81,69 @@ async def _run(state: ServeState, entry: Served, expectation, images: np.ndarray
     return probabilities
 
 
-async def _read_images(request: Request, settings: Settings) -> list[bytes]:
-    """The image bytes of a classify body: raw image, multipart files or JSON base64 instances."""
+def _hold(request: Request, n: int) -> None:
+    """Count ``n`` more bytes against the server's buffer budget for this request (503 when it is spent)."""
+    held = request.scope.get(HELD_KEY)
+    if held is not None:
+        try:
+            held.take(n)
+        except BudgetSpent as exc:
+            raise ApiError(503, "overloaded", str(exc)) from exc
+
+
+async def _read_body(request: Request, limit: int, what: str, flag: str) -> bytes:
+    """The body, refused with 413 (on Content-Length when given) past ``limit`` bytes."""
+    length = request.headers.get("content-length", "")
+    too_large = ApiError(413, "body_too_large", f"{what} exceeds {limit:,} bytes ({flag})")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, seen = [], 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_images(request: Request, state: ServeState, check: HeaderCheck) -> list[bytes]:
+    """The image bytes of a classify body (raw image, multipart files or JSON base64 instances), each checked on its
+    header by ``check`` (multipart files as soon as each arrives: a refusal reads no more of the body)."""
+    settings = state.settings
     content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
     if content_type.startswith("image/") or content_type == "application/octet-stream":
         body = await request.body()
         if not body:
             raise ApiError(400, "empty_body", "the request body is empty; send an image")
-        return [body]
-    if content_type == "multipart/form-data":
-        form = await request.form(max_files=settings.max_images + 1, max_fields=settings.max_images + 16,
-                                  max_part_size=settings.max_body_bytes)
-        files = [value for _, value in form.multi_items() if not isinstance(value, str)]
-        if len(files) > settings.max_images:
-            raise ApiError(413, "too_many_images", f"at most {settings.max_images} images per request")
-        if not files:
-            raise ApiError(400, "no_images", "the multipart body holds no files")
-        return [await f.read() for f in files]
-    if content_type == "application/json":
-        return b64_images(parse_json(await request.body()), settings.max_images)
-    raise ApiError(415, "unsupported_media_type",
-                   f"unsupported Content-Type {content_type!r}; send image/*, multipart/form-data or JSON")
+        blobs = [body]
+    elif content_type == "multipart/form-data":
+        return await read_files(request, check.add)
+    elif content_type == "application/json":
+        body = await _read_body(request, settings.max_json_bytes, "a JSON body", "--max-json-mb")
+        blobs = await parse_body(state.bulk, b64_payload, body, settings.max_images)
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       f"unsupported Content-Type {content_type!r}; send image/*, multipart/form-data or JSON")
+    for i, data in enumerate(blobs):
+        check.add(i, data)
+    return blobs
+
+
+async def _decode(request: Request, state: ServeState, blobs: list[bytes], headers: list[Header],
+                  size: tuple[int, int]) -> np.ndarray:
+    """The images as one float32 batch, decoded one at a time (small ones on the event loop, large ones on the decode
+    pool within the decode budget); stops when the client has gone."""
+    settings, budget = state.settings, state.decode_budget
+    _hold(request, len(blobs) * size[0] * size[1] * 3 * 4)
+    batch = np.empty((len(blobs), *size, 3), np.float32)
+    for i, (data, header) in enumerate(zip(blobs, headers, strict=True)):
+        if header.pixels <= INLINE_PIXELS:
+            batch[i] = decode_array(data, i, size, settings.max_pixels)
+            continue
+        if await request.is_disconnected():
+            raise ApiError(499, "client_closed_request", "the client closed the connection")
+        batch[i] = await budget.run(header.cost, decode_array, data, i, size, settings.max_pixels)
+    return batch
 
 
 # The hot path takes its parameters from the request itself, not through FastAPI's dependency injection and
@@ -122,16 +162,18 @@ async def classify(request: Request) -> JSONResponse:
     stage = ["reading"]
 
     async def work():
-        with entry.batcher.expect() as expectation:
-            blobs = await _read_images(request, settings)
-            stage[0] = "decoding"
-            opened = open_images(blobs, settings.max_pixels)
-            size = entry.model.export.size
-            if pixel_count(opened) <= INLINE_PIXELS:
-                images = decode_opened(opened, size)
-            else:  # large images decode off the event loop
-                images = await asyncio.get_running_loop().run_in_executor(state.decode_pool, decode_opened, opened,
-                                                                          size)
+        size = entry.model.export.size
+        check = HeaderCheck(size, settings.max_pixels, settings.max_request_pixels, settings.max_images,
+                            state.decode_budget.total)
+        blobs = await _read_images(request, state, check)
+        stage[0] = "decoding"
+        headers = check.headers
+        # The batch being formed waits (up to --batch-timeout-ms) for requests decoding on the event loop, whose
+        # images are moments away; not for large images, nor for bodies still arriving (a slow client would make
+        # every batch wait).
+        small = all(h.pixels <= INLINE_PIXELS for h in headers)
+        with entry.batcher.expect() if small else contextlib.nullcontext() as expectation:
+            images = await _decode(request, state, blobs, headers, size)
             stage[0] = "inference"
             return await _run(state, entry, expectation, images)
 
@@ -157,12 +199,13 @@ async def predict(name: str, request: Request):
     input_name = export.manifest.get("input", {}).get("name", "image")
 
     async def work():
-        with entry.batcher.expect() as expectation:
-            body = await request.body()
-            stage[0] = "parsing"
-            batch, columnar = pixel_batch(parse_json(body), input_name, export.input_shape, settings.max_images)
-            stage[0] = "inference"
-            return await _run(state, entry, expectation, batch), columnar
+        body = await _read_body(request, settings.max_json_bytes, "a JSON body", "--max-json-mb")
+        stage[0] = "parsing"
+        batch, columnar = await parse_body(state.bulk, predict_payload, body, input_name, export.input_shape,
+                                           settings.max_images)
+        _hold(request, batch.nbytes)
+        stage[0] = "inference"
+        return await _run(state, entry, None, batch), columnar
 
     probabilities, columnar = await _bounded(work(), stage, settings.request_timeout_s)
     return {"outputs" if columnar else "predictions": probabilities.tolist()}

@@ -18,6 +18,7 @@ from PIL import Image
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 HUES = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+EXPORTED_FORMATS = ("onnx", "savedmodel", "tflite", "tflite_fp16")  # what the serve tests' export holds
 CLASSES = tuple(sorted(HUES))  # a folder dataset's classes are its sorted sub-folder names: output index order
 
 

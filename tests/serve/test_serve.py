@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_fixtures import CLASSES, build_export, keras_model, relabel_copy
+from serve_fixtures import CLASSES, EXPORTED_FORMATS, relabel_copy
 
 from export.contract import ExportDir
 from export.formats import FORMATS
@@ -41,7 +41,6 @@ fastapi_testclient = pytest.importorskip("fastapi.testclient")
 TestClient = fastapi_testclient.TestClient
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPORTED_FORMATS = ("onnx", "savedmodel", "tflite", "tflite_fp16")
 
 
 def _png(pixels: np.ndarray, **kw) -> bytes:
@@ -75,18 +74,6 @@ def _png_header_only(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """(export dir, Keras model) of the tiny three-colour classifier, trained and exported for real."""
-    export_dir = build_export(tmp_path_factory.mktemp("exports") / "tiny", formats=EXPORTED_FORMATS)
-    return export_dir, keras_model(export_dir)
-
-
-@pytest.fixture(scope="module")
-def export_dir(exported) -> Path:
-    return exported[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,280 @@
+"""serve/ connection hygiene and leaks: a real uvicorn server on loopback (in a thread of this process) closes
+half-sent and slowly trickled request heads, idle keep-alive connections and oversized heads, caps connections,
+answers malformed HTTP in the JSON error shape; the API documentation needs the API key when there is one; no answer
+holds a path of the server; `transfer serve` fails with one line before loading anything when it cannot listen or an
+export is corrupt.
+
+Everything here is checked by statuses, bodies and whether a connection is closed; nothing by time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from serve_fixtures import CLASSES, relabel_copy
+
+from serve.app import create_app
+from serve.cli import bind_socket, main, uvicorn_options
+from serve.settings import Settings
+
+fastapi_testclient = pytest.importorskip("fastapi.testclient")
+TestClient = fastapi_testclient.TestClient
+
+PROTOCOLS = ["httptools", "h11"]
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 20, 3), (220, 30, 30), np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def live_server(export_dir: Path, http: str = "auto", **overrides):
+    """A real uvicorn server with the production options (serve.cli.uvicorn_options) on 127.0.0.1; yields its port."""
+    settings = Settings(export_dirs=(str(export_dir),), **overrides)
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), **uvicorn_options(settings, "warning", http)))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def _connect(port: int) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=20)
+    return conn
+
+
+def _read_all(conn: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (the socket's timeout bounds the wait)."""
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := conn.recv(65536):
+            data += chunk
+    return data
+
+
+def _json_answer(raw: bytes) -> tuple[int, dict, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+# ---------------------------------------------------------------------------------------------- connections
+
+
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_half_sent_silent_and_trickled_heads_are_closed_with_a_408(export_dir, http):
+    with live_server(export_dir, http, header_timeout_s=0.5, keep_alive_s=30) as port:
+        half = _connect(port)
+        half.sendall(b"POST /v1/models/tiny:classify HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        silent = _connect(port)  # connects and sends nothing at all
+        trickle = _connect(port)
+        trickle.sendall(b"GET /healthz HTTP/1.1\r\n")
+        trickled_until_closed = 0
+        with contextlib.suppress(OSError):
+            for _ in range(200):  # one header byte every 20 ms: never idle, never complete
+                trickle.sendall(b"X")
+                trickled_until_closed += 1
+                time.sleep(0.02)
+        for conn in (half, silent):
+            status, headers, body = _json_answer(_read_all(conn))
+            assert status == 408 and body["type"] == "header_timeout" and headers["connection"] == "close"
+        assert trickled_until_closed < 200  # closed mid-trickle, not when the client stopped
+        # a well-behaved client on a fresh connection is unaffected
+        ok = _connect(port)
+        ok.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert b" 200 OK" in _read_all(ok).split(b"\r\n", 1)[0]
+
+
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_keep_alive_connections_serve_requests_then_close_when_idle(export_dir, http):
+    with live_server(export_dir, http, header_timeout_s=5, keep_alive_s=0.3) as port:
+        conn = _connect(port)
+        for _ in range(3):  # the head deadline applies to each request's head, not to the connection's age
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = conn.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200")
+        assert _read_all(conn) == b""  # idle past the keep-alive timeout: closed
+
+
+def test_oversized_head_is_a_431_and_malformed_http_a_json_400(export_dir):
+    with live_server(export_dir, max_header_bytes=4096) as port:
+        big = _connect(port)
+        big.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n")
+        status, headers, body = _json_answer(_read_all(big))
+        assert status == 431 and body["type"] == "headers_too_large" and "4,096" in body["error"]
+        garbage_requests = (b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                            b"POST /x HTTP/1.1\r\nContent-Length: -5\r\n\r\n")
+        for garbage in garbage_requests:
+            conn = _connect(port)
+            conn.sendall(garbage)
+            status, headers, body = _json_answer(_read_all(conn))
+            assert status == 400 and body == {"error": body["error"], "type": "malformed_http", "status": 400}
+            assert headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_connections_beyond_the_cap_get_a_json_503_with_retry_after(export_dir, http):
+    with live_server(export_dir, http, max_connections=2, header_timeout_s=10) as port:
+        held = [_connect(port) for _ in range(2)]
+        time.sleep(0.2)  # let the server accept them
+        extra = _connect(port)
+        status, headers, body = _json_answer(_read_all(extra))
+        assert status == 503 and body["type"] == "too_many_connections" and headers["retry-after"] == "1"
+        for conn in held:
+            conn.close()
+        deadline = time.monotonic() + 10
+        while True:  # the server notices the closed connections, then takes new ones again
+            conn = _connect(port)
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = _read_all(conn)
+            if answer.startswith(b"HTTP/1.1 200") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 200")
+
+
+def test_a_refusal_before_the_body_is_read_closes_the_connection(export_dir):
+    with live_server(export_dir, max_json_bytes=1024) as port:
+        conn = _connect(port)
+        conn.sendall(b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 5000\r\n\r\n")
+        status, headers, body = _json_answer(_read_all(conn))  # closed: the 5000 bytes are never read
+        assert status == 413 and headers["connection"] == "close" and "--max-json-mb" in body["error"]
+
+
+# ---------------------------------------------------------------------------------------------- leaks
+
+
+def test_docs_and_schema_need_the_key_when_there_is_one(export_dir):
+    with TestClient(create_app(Settings(export_dirs=(str(export_dir),), api_key="s3cret"))) as c:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.json()["type"] == "unauthorized", path
+            assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
+        schema = c.get("/openapi.json", headers={"Authorization": "Bearer s3cret"}).json()
+        assert "/v1/models/{name}:classify" in schema["paths"] and "/docs" not in schema["paths"]
+        for path in ("/healthz", "/readyz", "/metrics"):  # probes and scraping stay open
+            assert c.get(path).status_code == 200, path
+    with TestClient(create_app(Settings(export_dirs=(str(export_dir),)))) as c:
+        assert c.get("/docs").status_code == 200 and c.get("/openapi.json").status_code == 200
+
+
+def test_no_answer_holds_a_path_of_the_server(export_dir, tmp_path):
+    """Every route, and the errors of each, with the key: no absolute path of the server in any answer."""
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    secrets = {str(export_dir.resolve()), str(export_dir.resolve().parent), manifest["export"]["source_run"],
+               str(Path.cwd()), str(Path.home()), str(tmp_path.parent), os.environ.get("TMPDIR") or "/tmp/"}
+    auth = {"Authorization": "Bearer k"}
+    png = _png()
+    with TestClient(create_app(Settings(export_dirs=(str(export_dir),), api_key="k"))) as c:
+        answers = []
+        for route in c.app.routes:
+            path = route.path.replace("{name}", "tiny")
+            for method in sorted(getattr(route, "methods", None) or ()):
+                if method == "POST":
+                    for content, ctype in ((png, "image/png"), (b"junk", "image/png"), (b"{", "application/json"),
+                                           (b'{"instances": [[1]]}', "application/json"), (b"x", "text/plain")):
+                        answers.append(c.post(path, content=content, headers={**auth, "content-type": ctype}))
+                else:
+                    answers.append(c.request(method, path, headers=auth))
+                answers.append(c.request(method, path))  # without the key
+                answers.append(c.request(method, path.replace("tiny", "../../etc"), headers=auth))
+        answers += [c.get("/no/such/route"), c.post("/v1/models/tiny:classify", headers=auth,
+                                                    files={"files": ("a.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40)})]
+    assert len(answers) > 30
+    for r in answers:
+        text = r.text
+        leaked = [s for s in secrets if s and s in text]
+        assert not leaked, (r.request.method, r.request.url, r.status_code, leaked)
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_a_busy_port_is_one_line_exit_2_before_serving(export_dir, capsys):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        assert main([str(export_dir), "--port", str(port)]) == 2
+    finally:
+        busy.close()
+    line = _one_line(capsys.readouterr().err)
+    assert f"port {port}" in line and "already in use" in line and "--port" in line
+    assert "serving" not in line
+
+
+@pytest.mark.parametrize("host, needle", [("256.1.1.1", "not a valid IPv4 address"),
+                                          ("no-such-host.invalid", "resolve"),
+                                          ("192.0.2.1", "not an address of this machine")])
+def test_a_bad_host_is_one_line_exit_2(export_dir, capsys, host, needle):
+    assert main([str(export_dir), "--host", host, "--port", "0"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert host in line and needle in line
+
+
+def test_a_corrupt_export_is_one_line_exit_2_before_listening(export_dir, tmp_path, capsys):
+    tampered = relabel_copy(export_dir, tmp_path / "tampered", CLASSES)
+    with open(tampered / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    assert main([str(tampered), "--port", "0"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "sha256" in line and "re-export" in line
+
+
+@pytest.mark.parametrize("argv, needle", [(["--max-json-mb", "0"], "--max-json-mb 0"),
+                                          (["--decode-memory-mb", "nan"], "--decode-memory-mb nan"),
+                                          (["--header-timeout", "0"], "header-timeout=0"),
+                                          (["--max-header-bytes", "10"], "max-header-bytes=10"),
+                                          (["--max-connections", "0"], "max-connections=0")])
+def test_bad_limits_are_one_line_exit_2(export_dir, capsys, argv, needle):
+    assert main([str(export_dir), *argv]) == 2
+    assert needle in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("host, key, warned", [("0.0.0.0", None, True), ("0.0.0.0", "k", False),
+                                               ("127.0.0.1", None, False)])
+def test_a_reachable_address_without_a_key_is_warned_about_in_one_line(export_dir, monkeypatch, capsys, host, key,
+                                                                       warned):
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # everything but serving
+    monkeypatch.delenv("TRANSFER_SERVE_API_KEY", raising=False)
+    assert main([str(export_dir), "--host", host, "--port", "0", *(["--api-key", key] if key else [])]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == (1 if warned else 0), err
+    if warned:
+        assert "--api-key" in warnings[0] and host in warnings[0]
+    assert "serving tiny on" in err
