@@ -592,7 +592,7 @@ def main() -> int:
           f"{args.clients} well-behaved clients x {args.rate:g} req/s; phases of {args.seconds:g} s (half headers "
           f"and slow bodies {args.long_seconds:g} s); {os.cpu_count()} CPUs shared by the server, the clients and "
           f"whatever else runs here (1-minute load average {min(loads):.1f} to {max(loads):.1f})\n")
-    print("| attack | server peak RSS MB (process + JSON parser) | clean p50 / p99 ms | attacked p50 / p99 ms "
+    print("| attack | server peak RSS MB (server + bulk process) | clean p50 / p99 ms | attacked p50 / p99 ms "
           "| p99 vs clean | good ok / failed | undocumented 5xx | attacker got |")
     print("|---|---|---|---|---|---|---|---|")
     failures = []

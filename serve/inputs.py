@@ -12,7 +12,7 @@ import contextlib
 import functools
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -78,12 +78,14 @@ def harden_pillow() -> None:
 
 @dataclass(frozen=True)
 class Header:
-    """What an image's header announces, and what decoding it will cost."""
+    """What an image's header announces, and what decoding it will cost; a small image stays open (``image``), so
+    that decoding it on the event loop does not read its header a second time."""
 
     width: int
     height: int
     mode: str
     cost: int  # bytes its decode may hold at its peak
+    image: Image.Image | None = field(default=None, compare=False, repr=False)
 
     @property
     def pixels(self) -> int:
@@ -108,16 +110,20 @@ def _open(data: bytes, index: int, max_pixels: int) -> Image.Image:
     return open_image(io.BytesIO(data), max_pixels=max_pixels, formats=image_formats())
 
 
-def read_header(data: bytes, index: int, size: tuple[int, int], max_pixels: int) -> Header:
-    """Image ``index``'s header, checked against ``max_pixels``; nothing is decoded."""
+def read_header(data: bytes, index: int, size: tuple[int, int], max_pixels: int, keep_small: bool = False) -> Header:
+    """Image ``index``'s header, checked against ``max_pixels``; nothing is decoded. With ``keep_small``, an image of
+    at most INLINE_PIXELS stays open in the Header (decode it with ``decode_opened``)."""
     with _decode_errors(index):
         image = _open(data, index, max_pixels)
+        keep = False
         try:
             width, height = image.size
             image.draft("RGB", (size[1], size[0]))  # JPEG: the reduced scale decoding will use, as image_to_array
-            return Header(width, height, image.mode, decode_cost(image))
+            keep = keep_small and width * height <= INLINE_PIXELS
+            return Header(width, height, image.mode, decode_cost(image), image if keep else None)
         finally:
-            image.close()
+            if not keep:
+                image.close()
 
 
 class HeaderCheck:
@@ -136,7 +142,7 @@ class HeaderCheck:
     def add(self, index: int, data: bytes) -> Header:
         if index >= self.max_images:
             raise ApiError(413, "too_many_images", f"at most {self.max_images} images per request")
-        header = read_header(data, index, self.size, self.max_pixels)
+        header = read_header(data, index, self.size, self.max_pixels, keep_small=True)
         self.pixels += header.pixels
         if self.pixels > self.max_request_pixels:
             raise ApiError(413, "too_many_pixels", f"the images of this request announce more than "
@@ -150,16 +156,23 @@ class HeaderCheck:
         return header
 
 
-def decode_array(data: bytes, index: int, size: tuple[int, int], max_pixels: int) -> np.ndarray:
-    """Image ``index`` decoded exactly like the training pipeline: uint8 (H, W, 3). Its decoded pixels are freed
-    before this returns: ``image_to_array`` leaves them on the image object (its ``with image:`` releases nothing in
-    Pillow 13), ``close`` does. A module-level function: large images run it in the bulk process."""
+def decode_opened(image: Image.Image, index: int, size: tuple[int, int]) -> np.ndarray:
+    """An opened image (closed here) decoded exactly like the training pipeline: uint8 (H, W, 3). Its decoded pixels
+    are freed before this returns: ``image_to_array`` leaves them on the image object (its ``with image:`` releases
+    nothing in Pillow 13), ``close`` does."""
     with _decode_errors(index):
-        image = _open(data, index, max_pixels)
         try:
             return image_to_array(image, size)
         finally:
             image.close()
+
+
+def decode_array(data: bytes, index: int, size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """Image ``index`` opened and decoded (``decode_opened``). A module-level function: large images run it in the
+    bulk process."""
+    with _decode_errors(index):
+        image = _open(data, index, max_pixels)
+    return decode_opened(image, index, size)
 
 
 def decode_all(blobs: Sequence[bytes], size: tuple[int, int], max_pixels: int) -> np.ndarray:

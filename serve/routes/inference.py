@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from serve.auth import authorize
 from serve.engine import Overloaded
 from serve.errors import ApiError
-from serve.inputs import INLINE_PIXELS, Header, HeaderCheck, decode_array
+from serve.inputs import INLINE_PIXELS, Header, HeaderCheck, decode_array, decode_opened
 from serve.jsonparse import b64_payload, parse_body, predict_payload
 from serve.limits import HELD_KEY, BudgetSpent
 from serve.multipart import read_files
@@ -137,8 +137,8 @@ async def _decode(request: Request, state: ServeState, blobs: list[bytes], heade
     _hold(request, len(blobs) * size[0] * size[1] * 3 * 4)
     batch = np.empty((len(blobs), *size, 3), np.float32)
     for i, (data, header) in enumerate(zip(blobs, headers, strict=True)):
-        if header.pixels <= INLINE_PIXELS:
-            batch[i] = decode_array(data, i, size, settings.max_pixels)
+        if header.image is not None:  # small: kept open by the header check, decoded here on the event loop
+            batch[i] = decode_opened(header.image, i, size)
             continue
         if await request.is_disconnected():
             raise ApiError(499, "client_closed_request", "the client closed the connection")

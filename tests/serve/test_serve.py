@@ -373,6 +373,7 @@ def test_negative_streams_are_refused(export_dir):
 
 def test_small_and_large_images_decode_alike(export_dir, monkeypatch):
     """Small images decode on the event loop, large ones in a thread: the answers must not depend on which."""
+    import serve.inputs
     import serve.routes.inference
 
     big = np.kron(_images(1, seed=9)[0], np.ones((10, 10, 1), np.uint8))  # 240x400: above INLINE_PIXELS
@@ -383,6 +384,7 @@ def test_small_and_large_images_decode_alike(export_dir, monkeypatch):
     answers = {}
     for inline in (0, 10**9):  # everything in the thread pool, then everything on the loop
         monkeypatch.setattr(serve.routes.inference, "INLINE_PIXELS", inline)
+        monkeypatch.setattr(serve.inputs, "INLINE_PIXELS", inline)
         with TestClient(create_app(Settings(export_dirs=(str(export_dir),)))) as c:
             answers[inline] = [c.post("/v1/models/tiny:classify?top_k=3", content=b).json()["predictions"][0]
                                for b in bodies]
