@@ -51,12 +51,15 @@ def image_to_array(image: Image.Image, size: int | tuple[int, int]) -> np.ndarra
     ``size`` is a square side or ``(height, width)``. Raises one of DECODE_ERRORS for truncated or corrupt data.
     """
     height, width = (size, size) if isinstance(size, int) else size
-    with image:
+    try:
         image.draft("RGB", (width, height))  # JPEG only: decode at a reduced scale that is still >= size
         image.seek(0)
         image.load()
-        rgb = to_rgb(ImageOps.exif_transpose(image))
-    return np.asarray(rgb.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
+        ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
+        rgb = image if image.mode == "RGB" else to_rgb(image)  # convert("RGB") of an RGB image is a copy
+        return np.asarray(rgb.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
+    finally:
+        image.close()  # frees the decoded pixels at once (`with image:` only closes the file in Pillow 13)
 
 
 def decode_image(source: Path | str | BinaryIO, size: int | tuple[int, int], *, max_pixels: int | None = None,
