@@ -115,7 +115,7 @@ def check_writable(root: Path, flag: str = "--artifacts") -> None:
     root = Path(root).absolute()
     ancestor = next((p for p in (root, *root.parents) if p.exists()), Path("/"))
     if not ancestor.is_dir():
-        raise UserError(f"'{root}' cannot be created: '{ancestor}' is a file; pass {flag} DIR")
+        raise UserError(f"'{root}' is not writable ('{ancestor}' is a file, not a directory); pass {flag} DIR")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=ancestor))
     except OSError as exc:
