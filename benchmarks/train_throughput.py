@@ -2,18 +2,20 @@
 
 Default (synthetic data): prints, side by side in one run, training images/s of the real ``finetune`` input
 pipeline (decode/cache/shuffle/augment/batch/prefetch, one-hot labels) against the compute limit: the same model
-stepping on one pre-materialised in-memory batch, same batch size, same ``fit`` loop, the two measured alternately.
+stepping on one pre-materialised in-memory batch, same batch size, same ``fit`` loop, the inputs measured alternately.
 Ratio = pipeline / compute (median over rounds); the target is >= 0.9. Runs mobilenetv2 at two image sizes, frozen
-backbone and ``--unfreeze all``.
+backbone and ``--unfreeze all``. Beside images/s it prints the CPU time the process spent per image, which a busy
+shared machine disturbs less: "compute share" = compute's CPU ms/img over the input's.
 
 ``--folders``: generates folders of 256 px JPEGs (10 classes; 1k / 3k / 10k images by default, under /tmp, kept for
 the next run) and prints
 
-1. peak RSS (VmHWM) of a whole frozen-backbone run at ``--image-size 160`` — one epoch, evaluation and the run
-   directory included — each folder size in a fresh subprocess through the real runner (``transfer.runner.execute``),
-   next to what the decoded pixels alone would take in memory; the target is growth < 100 MB from 1k to 10k;
-2. the streamed folder pipeline's images/s (Pillow decode in tf.data) against in-memory compute, as above, at
-   96 px and 160 px; the target is >= 0.9.
+1. peak RSS (VmHWM) of a whole frozen-backbone run at ``--image-size 160`` (one epoch, evaluation and the run
+   directory included), each folder in a fresh subprocess through the real runner (``transfer.runner.execute``),
+   beside what the decoded pixels alone would take in memory; the target is growth < 100 MB from 1k to 10k;
+2. on the smallest folder at 96 and 160 px, frozen backbone, augmentation none and light: the streamed pipeline
+   (Pillow decode in tf.data, no cache), the same with ``--cache DIR`` (filled by the warm-up epoch) and the images
+   decoded into RAM up front (pixel arrays, as folders were loaded before they streamed), each against compute.
 
     python benchmarks/train_throughput.py [--sizes 32 96] [--images 1024] [--batch-size 64] [--augment light]
     python benchmarks/train_throughput.py --folders [--counts 1000 3000 10000] [--folder-sizes 96 160]
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -39,33 +42,42 @@ CLASSES = 10
 SIDE = 256  # pixels of the generated JPEGs
 
 
-def _images_per_second(model, dataset, steps: int, batch_size: int) -> float:
-    start = time.perf_counter()
+def _images_per_second(model, dataset, steps: int, batch_size: int) -> tuple[float, float]:
+    """Images/s of one ``fit`` epoch, and the CPU time this process spent per image (all threads, ms)."""
+    start, cpu = time.perf_counter(), time.process_time()
     model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
-    return steps * batch_size / (time.perf_counter() - start)
+    images = steps * batch_size
+    return images / (time.perf_counter() - start), (time.process_time() - cpu) * 1000 / images
 
 
-def _paired(model, datasets: dict, steps: int, batch_size: int, rounds: int) -> dict[str, float]:
+def _paired(model, datasets: dict, steps: int, batch_size: int, rounds: int, reference: str) -> dict[str, float]:
     """Measure every dataset of ``datasets`` in turn, ``rounds`` times (after a warm-up of each), so all see the same
-    machine noise; returns the median images/s of each."""
+    machine noise; returns per dataset the median images/s, the median of its per-round ratios to ``reference``
+    (``<name>_ratio``) and its median CPU ms per image (``<name>_cpu``)."""
     for dataset in datasets.values():
         model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)  # warm-up: tracing, caches
-    seen: dict[str, list[float]] = {name: [] for name in datasets}
+    seen: dict[str, list[tuple[float, float]]] = {name: [] for name in datasets}
     for _ in range(rounds):
         for name, dataset in datasets.items():
             seen[name].append(_images_per_second(model, dataset, steps, batch_size))
-    return {name: statistics.median(values) for name, values in seen.items()}
+    out = {}
+    for name, values in seen.items():
+        out[name] = statistics.median(v for v, _ in values)
+        out[f"{name}_ratio"] = statistics.median(v / r for (v, _), (r, _) in zip(values, seen[reference], strict=True))
+        out[f"{name}_cpu"] = statistics.median(c for _, c in values)
+    return out
 
 
-def _measure(args, dataset, sizes, augments, label: str, in_ram: bool = False) -> list[dict]:
-    """One row per size x augment x unfreeze: images/s of the run's real training pipeline on ``dataset(size)``
-    against the compute limit (the same model stepping on one in-memory batch), measured alternately; with
-    ``in_ram``, also the same images decoded into memory up front (a Split of pixel arrays, as folders were before
-    they streamed) through the same pipeline."""
+COMPUTE = "in-memory compute"
+
+
+def _measure(args, variants, sizes, augments) -> list[dict]:
+    """One row per size x augment x unfreeze x input: images/s of the run's real training pipeline
+    (``runner.training_pipelines``) on each dataset ``variants(size)`` names, and of the compute limit (the same
+    model stepping on one in-memory batch), all measured alternately on the same model."""
     import tensorflow as tf
 
     from transfer.config import AugmentConfig, TrainConfig
-    from transfer.data import Split
     from transfer.freezing import parse_unfreeze
     from transfer.heads import parse_head
     from transfer.model import build_model
@@ -75,45 +87,43 @@ def _measure(args, dataset, sizes, augments, label: str, in_ram: bool = False) -
     train_cfg = TrainConfig(batch_size=args.batch_size)
     rows = []
     for size in sizes:
-        data = dataset(size)
-        steps = len(data.train.y) // args.batch_size
-        arrays = None
-        if in_ram:
-            arrays = dataclasses.replace(data, train=Split(data.train.images(), data.train.y))
+        inputs = variants(size)
+        first = next(iter(inputs.values()))
+        steps = len(first.train.y) // args.batch_size
         for augment in augments:
             for unfreeze in args.unfreeze:
-                built = build_model(args.backbone, input_shape=data.native_shape, num_classes=len(data.classes),
+                built = build_model(args.backbone, input_shape=first.native_shape, num_classes=len(first.classes),
                                     head=parse_head("default"), image_size=size, weights="none")
                 built.set_trainable(parse_unfreeze(unfreeze))
-                compile_model(built.model, train_cfg, 1e-3, steps, len(data.classes))
-                pipeline, _, _ = training_pipelines(data, AugmentConfig(preset=augment), train_cfg)
-                datasets = {"pipeline": pipeline.repeat()}
-                x, y = next(iter(datasets["pipeline"]))
-                datasets["compute"] = tf.data.Dataset.from_tensors((tf.identity(x), tf.identity(y))).repeat()
-                if arrays is not None:
-                    datasets["in_ram"] = training_pipelines(arrays, AugmentConfig(preset=augment), train_cfg)[0]
-                    datasets["in_ram"] = datasets["in_ram"].repeat()
-                speed = _paired(built.model, datasets, steps, args.batch_size, args.repeats)
-                row = {"data": label, "size": size, "augment": augment, "unfreeze": unfreeze, "steps": steps, **speed}
-                rows.append(row)
-                print(f"  measured {args.backbone} {label} {size}px augment {augment} unfreeze {unfreeze}: ratio "
-                      f"{speed['pipeline'] / speed['compute']:.2f}", flush=True)
+                compile_model(built.model, train_cfg, 1e-3, steps, len(first.classes))
+                datasets = {name: training_pipelines(data, AugmentConfig(preset=augment), train_cfg)[0].repeat()
+                            for name, data in inputs.items()}
+                x, y = next(iter(next(iter(datasets.values()))))
+                datasets[COMPUTE] = tf.data.Dataset.from_tensors((tf.identity(x), tf.identity(y))).repeat()
+                speed = _paired(built.model, datasets, steps, args.batch_size, args.repeats, COMPUTE)
+                for name in datasets:
+                    rows.append({"size": size, "augment": augment, "unfreeze": unfreeze, "steps": steps,
+                                 "input": name, "img_s": speed[name], "ratio": speed[f"{name}_ratio"],
+                                 "cpu_ms": speed[f"{name}_cpu"], "cpu_share": speed[f"{COMPUTE}_cpu"] /
+                                 speed[f"{name}_cpu"]})
+                ratios = ", ".join(f"{n} {speed[f'{n}_ratio']:.2f}" for n in inputs)
+                print(f"  measured {args.backbone} {size}px augment {augment} unfreeze {unfreeze}: {ratios}",
+                      flush=True)
     return rows
 
 
 def _print_rows(args, rows: list[dict]) -> None:
-    in_ram = any("in_ram" in row for row in rows)
-    print(f"\n{args.backbone}, batch {args.batch_size}, images/s median of {args.repeats} alternating rounds; ratio = "
-          f"pipeline / in-memory compute")
-    print(f"{'data':>12} {'size':>5} {'augment':>8} {'unfreeze':>9} {'steps':>6} {'pipeline img/s':>15} "
-          f"{'in-memory compute img/s':>24} {'ratio':>6}"
-          + (f" {'in-RAM arrays img/s':>20} {'ratio':>6}" if in_ram else ""))
+    print(f"\n{args.backbone}, batch {args.batch_size}, medians of {args.repeats} alternating rounds; ratio = img/s "
+          f"/ in-memory compute img/s in the same round (target >= 0.9); CPU ms/img = this process's CPU time "
+          f"(all threads) per image, "
+          f"compute share = in-memory compute's CPU ms/img / this input's (what the ratio would be if compute kept "
+          f"every core busy)")
+    width = max(len(r["input"]) for r in rows)
+    print(f"{'size':>5} {'augment':>8} {'unfreeze':>9} {'steps':>6} {'input':<{width}} {'img/s':>8} {'ratio':>6} "
+          f"{'CPU ms/img':>11} {'compute share':>14}")
     for r in rows:
-        line = (f"{r['data']:>12} {r['size']:>5} {r['augment']:>8} {r['unfreeze']:>9} {r['steps']:>6} "
-                f"{r['pipeline']:>15.1f} {r['compute']:>24.1f} {r['pipeline'] / r['compute']:>6.2f}")
-        if in_ram:
-            line += f" {r['in_ram']:>20.1f} {r['in_ram'] / r['compute']:>6.2f}"
-        print(line)
+        print(f"{r['size']:>5} {r['augment']:>8} {r['unfreeze']:>9} {r['steps']:>6} {r['input']:<{width}} "
+              f"{r['img_s']:>8.1f} {r['ratio']:>6.2f} {r['cpu_ms']:>11.2f} {r['cpu_share']:>14.2f}")
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -165,7 +175,7 @@ def _rss_child(folder: str, size: int, batch_size: int, augment: str) -> None:
 
 def _folders(args) -> None:
     from transfer.config import DataConfig
-    from transfer.data import load_dataset
+    from transfer.data import Split, load_dataset
 
     t0 = time.perf_counter()
     folders = {count: make_folder(count) for count in args.counts}
@@ -185,9 +195,17 @@ def _folders(args) -> None:
         print(f"  run on {count} images: peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
 
     smallest = min(folders)
-    rows = _measure(args, lambda size: load_dataset(DataConfig(dataset=f"folder:{folders[smallest]}",
-                                                               folder_image_size=None), image_size=size),
-                    args.folder_sizes, args.folder_augments, f"folder {smallest}", in_ram=True)
+    with tempfile.TemporaryDirectory(prefix="transfer-bench-cache-") as cache:
+
+        def variants(size: int) -> dict:
+            data = load_dataset(DataConfig(dataset=f"folder:{folders[smallest]}", folder_image_size=None),
+                                image_size=size)
+            cached = dataclasses.replace(data, train=dataclasses.replace(data.train, cache=cache))
+            arrays = dataclasses.replace(data, train=Split(data.train.images(), data.train.y))
+            return {"streamed (cache none)": data, "streamed, --cache DIR": cached,
+                    "decoded into RAM up front": arrays}
+
+        rows = _measure(args, variants, args.folder_sizes, args.folder_augments)
 
     print(f"\npeak RSS (VmHWM) of a frozen-backbone run (mobilenetv2, --weights none, --image-size {args.rss_size}, "
           f"1 epoch + evaluation, batch {args.batch_size}, augment {args.augment}), one fresh process per folder")
@@ -201,6 +219,7 @@ def _folders(args) -> None:
     growth = rss[-1][1]["peak_rss_mb"] - rss[0][1]["peak_rss_mb"]
     print(f"growth from {rss[0][0]} to {rss[-1][0]} images: {growth:+.0f} MB (target < 100 MB); 'pixels in RAM' is "
           f"what the decoded uint8 images alone would take if held in memory")
+    print(f"\npipeline vs compute on the {smallest}-image folder ({SIDE} px JPEGs decoded at each size)")
     _print_rows(args, rows)
 
 
@@ -222,6 +241,7 @@ def main() -> None:
     parser.add_argument("--rss-size", type=int, default=160, help="--image-size of the peak-RSS runs")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message=".*shuffle=True.*")  # Keras, about tf.data input it never shuffles
 
     if args.unfreeze is None:
         args.unfreeze = ["0"] if args.folders else ["0", "all"]
@@ -236,7 +256,7 @@ def main() -> None:
     from transfer.data import load_dataset
 
     synthetic = load_dataset(DataConfig(synthetic_train=args.images, synthetic_test=10, val_split=0.1))
-    _print_rows(args, _measure(args, lambda size: synthetic, args.sizes, [args.augment], "synthetic"))
+    _print_rows(args, _measure(args, lambda size: {"synthetic": synthetic}, args.sizes, [args.augment]))
 
 
 if __name__ == "__main__":

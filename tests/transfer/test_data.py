@@ -495,6 +495,7 @@ def test_unwritable_cache_dir_is_one_line(tmp_path):
             resolve_cache(str(bad))
         assert "\n" not in str(err.value)
     assert resolve_cache("memory") == "memory" and resolve_cache(str(tmp_path / "new" / "dir")).endswith("dir")
+    assert not (tmp_path / "new").exists()  # checked, not created: a refused run leaves nothing behind
     root = _jpeg_folder(tmp_path / "jpegs")
     with pytest.raises(UserError, match="--cache"):  # refused while loading: before anything is built or trained
         load_dataset(_WithCache(dataset=f"folder:{root}", cache=str(tmp_path / "file" / "sub")))

@@ -206,14 +206,18 @@ def resolve_cache(value: str) -> str:
     if value in (CACHE_NONE, CACHE_MEMORY):
         return value
     path = Path(value).expanduser().absolute()
+    way_out = f"pass a writable directory, '{CACHE_MEMORY}' or '{CACHE_NONE}'"
+    if not value.strip():
+        raise UserError(f"--cache needs a value: {way_out}")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # created on first write, not before
+    if not existing.is_dir():
+        raise UserError(f"--cache {value}: cannot write decoded images to {path} ({existing} is a file); {way_out}")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".transfer-cache-probe-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".transfer-cache-probe-"):
             pass
     except OSError as e:
         reason = e.strerror or type(e).__name__
-        raise UserError(f"--cache {value}: cannot write decoded images to {path} ({reason}); pass a writable "
-                        f"directory, '{CACHE_MEMORY}' or '{CACHE_NONE}'") from e
+        raise UserError(f"--cache {value}: cannot write decoded images to {path} ({reason}); {way_out}") from e
     return str(path)
 
 

@@ -76,7 +76,12 @@ def make_pipeline(
     # history) on every run. Augmenting one batch at a time keeps the draws in batch order; prefetch still overlaps
     # it with training, and each batch's ops use TensorFlow's intra-op threads.
     parallel = tf.data.AUTOTUNE if augmenter is None else None
-    return ds.batch(batch_size).map(to_float, num_parallel_calls=parallel).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if split.streamed:
+        # Decoded batches queue up before the one-at-a-time augmentation, so it never waits for a batch to be
+        # decoded: two uint8 batches, whatever the number of files.
+        ds = ds.prefetch(2)
+    return ds.map(to_float, num_parallel_calls=parallel).prefetch(tf.data.AUTOTUNE)
 
 
 def _file_elements(split, shuffled: bool, seed: int) -> tf.data.Dataset:

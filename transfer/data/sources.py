@@ -355,7 +355,9 @@ def load_dataset(cfg: DataConfig, image_size: int | None = None) -> Dataset:
 def load_run_dataset(manifest: dict, run_dir: Path, way_out: str = "retrain") -> Dataset:
     """A complete run's dataset rebuilt from its stored config; refuses data that differs from what it was trained on
     (dataset fingerprint). ``way_out`` ends the error message (e.g. "pass --no-verify")."""
-    data_cfg = DataConfig(**manifest["config"]["data"])
+    stored = dict(manifest["config"]["data"])
+    stored.update({"cache": "none"} if "cache" in stored else {})  # read once to evaluate or export: no cache
+    data_cfg = DataConfig(**stored)
     trained_size = manifest.get("input", {}).get("shape", [None])[0]
     dataset = load_dataset(data_cfg, image_size=trained_size)  # a folder is decoded at the size the run trained at
     if dataset.fingerprint() != manifest["dataset"]["fingerprint"]:
