@@ -130,7 +130,8 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
     rundir.write_json(run_path / rundir.EVALUATION, evaluation)
     tmp_model = run_path / "tmp-model.keras"
     # The model without its optimizer state: what evaluation, export and serving need (a third of the file for Adam).
-    keras.Model(model.inputs, model.outputs, name=model.name).save(tmp_model)
+    # (single tensors, not one-element lists: the exported serving signature must take the batch itself)
+    keras.Model(model.input, model.output, name=model.name).save(tmp_model)
     os.replace(tmp_model, run_path / rundir.MODEL)
     title = run_path.name
     plots.plot_history(read_history(run_path / rundir.HISTORY), run_path / "plots", title)
