@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from transfer import rundir
 from transfer.config import DataConfig
 from transfer.data.splits import SEED_TEST, SEED_VAL, Dataset, assemble, carve, share
 from transfer.errors import UserError
@@ -201,23 +202,15 @@ def file_decoder(split: FileSplit) -> Callable[[int], tuple[np.ndarray, np.ndarr
 
 
 def resolve_cache(value: str) -> str:
-    """``--cache``: ``none``, ``memory`` or a directory, which must be writable (created if missing); returns the
-    directory as an absolute path. Anything else is a one-line UserError, before anything trains."""
+    """``--cache``: ``none``, ``memory`` or a directory, which must be writable (checked as ``--artifacts`` is, creating
+    nothing: it is made on first write); returns the directory as an absolute path. Anything else is a one-line
+    UserError, before anything trains."""
     if value in (CACHE_NONE, CACHE_MEMORY):
         return value
-    path = Path(value).expanduser().absolute()
-    way_out = f"pass a writable directory, '{CACHE_MEMORY}' or '{CACHE_NONE}'"
     if not value.strip():
-        raise UserError(f"--cache needs a value: {way_out}")
-    existing = next(p for p in (path, *path.parents) if p.exists())  # created on first write, not before
-    if not existing.is_dir():
-        raise UserError(f"--cache {value}: cannot write decoded images to {path} ({existing} is a file); {way_out}")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".transfer-cache-probe-"):
-            pass
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise UserError(f"--cache {value}: cannot write decoded images to {path} ({reason}); {way_out}") from e
+        raise UserError(f"--cache needs a value: '{CACHE_NONE}', '{CACHE_MEMORY}' or a writable directory")
+    path = Path(value).expanduser().absolute()
+    rundir.check_writable(path, "--cache")
     return str(path)
 
 
