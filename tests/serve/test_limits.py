@@ -340,6 +340,53 @@ def test_large_json_and_large_images_go_through_the_bulk_process_with_the_same_a
         assert bad.status_code == 400  # errors come back from the bulk process as the same JSON
 
 
+@pytest.mark.parametrize("failure", ["cannot_start", "exits_at_once"])
+def test_where_no_bulk_process_can_start_the_server_says_so_and_answers_the_same(export_dir, monkeypatch, caplog,
+                                                                                 failure):
+    """A sandbox where the server's user cannot start a second interpreter (the resource tracker's pipe breaks, or
+    the spawned process exits at once) must not stop the server: one log line, and the same answers from a thread."""
+    import multiprocessing
+
+    import serve.bulk
+    import serve.limits
+
+    if failure == "cannot_start":
+        def refuse(*args, **kwargs):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        monkeypatch.setattr(serve.bulk, "ProcessPoolExecutor", refuse)
+    else:
+        real = multiprocessing.get_context("spawn")
+
+        class ExitsAtOnce:  # a spawn context whose processes run a program that ends before serving any job
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def Process(self, *args, **kwargs):  # the context's own name
+                return real.Process(target=os._exit, args=(3,))
+
+        monkeypatch.setattr(serve.bulk.multiprocessing, "get_context", lambda method=None: ExitsAtOnce())
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (6, 32, 32, 3)).astype(np.float32)
+    big = np.kron(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), np.ones((10, 10, 1), np.uint8))
+    with TestClient(create_app(_settings(export_dir))) as c:
+        on_loop = c.post("/v1/models/tiny:classify?top_k=3", content=_png(big)).json()
+        bulk = c.app.state.serve.bulk
+        bulk.start()
+        deadline = time.time() + 60
+        while not bulk.in_process and time.time() < deadline:  # the exiting process is noticed by the pool's thread
+            time.sleep(0.05)
+        assert bulk.in_process
+        monkeypatch.setattr(serve.limits, "BULK_DECODE_COST", 0)  # every decode goes where the bulk jobs go
+        assert c.post("/v1/models/tiny:classify?top_k=3", content=_png(big)).json() == on_loop
+        together = c.post("/v1/models/tiny:predict", json={"instances": pixels.tolist()})  # a bulk JSON parse
+        alone = c.post("/v1/models/tiny:predict", json={"instances": [pixels[0].tolist()]})
+        assert together.status_code == 200 and alone.status_code == 200
+        np.testing.assert_allclose(together.json()["predictions"][0], alone.json()["predictions"][0], atol=1e-6)
+    warnings = [r.getMessage() for r in caplog.records if "no bulk process can be started" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+
+
 # ---------------------------------------------------------------------------------------------- the formula
 
 
