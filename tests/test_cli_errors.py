@@ -43,6 +43,12 @@ CASES = [
     (["finetune", "--limit-train", "0"], "--limit-train 0"),
     (["finetune", "--folder-image-size", "-1"], "--folder-image-size -1"),
     (["finetune", "--val-split", "a-tenth"], "'a-tenth'"),
+    (["finetune", "--dataset", "folder:{empty_dir}"], "{empty_dir}"),
+    (["finetune", "--dataset", "folder:{corrupt_dir}"], "{corrupt_dir}"),
+    (["finetune", "--dataset", "folder:{one_class_dir}"], "{one_class_dir}"),
+    (["finetune", "--dataset", "folder:{img}"], "{img}"),
+    (["finetune", "--dataset", "folder:{two_class_dir}", "--cache", "{txt}/sub"], "--cache"),
+    (["finetune", "--dataset", "folder:{two_class_dir}", "--cache", ""], "--cache"),
     # finetune: augmentation
     (["finetune", "--augment", "medium"], "'medium'"),
     (["finetune", "--flip", "maybe"], "'maybe'"),
@@ -140,13 +146,23 @@ def world(tmp_path_factory):
     Image.new("RGB", (20, 20), (200, 10, 10)).save(root / "red.png")
     (root / "notes.txt").write_text("not an image")
     (root / "empty").mkdir()
+    for cls in ("cat", "dog"):  # a folder whose every file is corrupt, and a good one
+        (root / "corrupt" / cls).mkdir(parents=True)
+        (root / "two" / cls).mkdir(parents=True)
+        for i in range(4):
+            (root / "corrupt" / cls / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+            Image.new("RGB", (12, 12), (40 * i, 200 if cls == "cat" else 10, 10)).save(root / "two" / cls / f"{i}.png")
+    (root / "one" / "cat").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (12, 12), (40 * i, 10, 10)).save(root / "one" / "cat" / f"{i}.png")
     (root / "bad.toml").write_text("epochz = 3\n")
     (root / "float.toml").write_text("epochs = 1.5\n")
     (root / "compare.toml").write_text("[[matrix]]\nbackbones = ['vgg16']\nimage_sizes = ['big']\n")
     (root / "bench.toml").write_text("[[matrix]]\nbaselines = ['vgg1']\n[bench]\niterations = -1\n")
     return {"root": root, "run": run, "export": art / "exports" / "run", "img": root / "red.png",
             "txt": root / "notes.txt", "empty_dir": root / "empty", "bad_toml": root / "bad.toml",
-            "float_toml": root / "float.toml", "bad_compare": root / "compare.toml", "bench_toml": root / "bench.toml"}
+            "float_toml": root / "float.toml", "bad_compare": root / "compare.toml", "bench_toml": root / "bench.toml",
+            "corrupt_dir": root / "corrupt", "one_class_dir": root / "one", "two_class_dir": root / "two"}
 
 
 def _snapshot(root: Path) -> dict:
@@ -162,7 +178,8 @@ def test_the_table_is_big_and_distinct():
 
 @pytest.mark.parametrize("argv, needle", CASES, ids=[" ".join(a)[:60] for a, _ in CASES])
 def test_bad_invocation_is_one_line_exit_2_and_writes_nothing(world, tmp_path, capsys, argv, needle):
-    argv = [a.format(**{k: str(v) for k, v in world.items()}) for a in argv]
+    names = {k: str(v) for k, v in world.items()}
+    argv, needle = [a.format(**names) for a in argv], needle.format(**names)
     art = tmp_path / "art"
     if argv[0] in WRITERS:
         argv = [*argv, "--artifacts", str(art)]

@@ -160,8 +160,13 @@ class DataConfig:
     val_split: float = option(0.1, "fraction of training data held out for validation")
     test_split: float = option(0.1, "fraction held out for test (folder datasets without a test/ sub-folder)")
     seed: int = option(0, "split seed (the run's --seed)", cli=False)
-    folder_image_size: int = option(64, "folder datasets: images are decoded and resized to this square size",
-                                    minimum=1, maximum=MAX_IMAGE_SIZE)
+    folder_image_size: int | None = option(
+        None, "folder datasets: decode and resize images to this square size instead of the model's input size",
+        default_text="the model's input size (a backbone's --image-size; 32 for the scratch baselines)",
+        minimum=1, maximum=MAX_IMAGE_SIZE)
+    cache: str = option("none", "folder datasets: keep decoded images in 'memory', in a DIR (kept across runs and "
+                        "shared by runs at the same size), or 'none' (decoded every epoch, memory stays flat)",
+                        metavar="none|memory|DIR")
     synthetic_train: int = option(2000, "synthetic set: training images", minimum=1, maximum=1_000_000)
     synthetic_test: int = option(500, "synthetic set: test images", minimum=1, maximum=1_000_000)
     limit_train: int | None = option(None, "use a seeded, stratified subset of this many training images", minimum=1)

@@ -58,6 +58,7 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
     if chief:
         rundir.check_writable(run_path.parent)  # creates nothing: a run that fails before training leaves no trace
     config = {"kind": recipe.kind, **as_dict(data_cfg, augment_cfg, recipe.model_config, train_cfg)}
+    config["data"].pop("cache")  # where decoded pixels are kept is not what the run is: resuming may change it
 
     t0 = time.perf_counter()
     # A folder is decoded at the size the model takes (a backbone's resolved --image-size), so that size becomes the

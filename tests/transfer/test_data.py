@@ -498,16 +498,9 @@ def test_unwritable_cache_dir_is_one_line(tmp_path):
     assert not (tmp_path / "new").exists()  # checked, not created: a refused run leaves nothing behind
     root = _jpeg_folder(tmp_path / "jpegs")
     with pytest.raises(UserError, match="--cache"):  # refused while loading: before anything is built or trained
-        load_dataset(_WithCache(dataset=f"folder:{root}", cache=str(tmp_path / "file" / "sub")))
-    data = load_dataset(_WithCache(dataset=f"folder:{root}", folder_image_size=None, cache="memory"), image_size=16)
+        load_dataset(DataConfig(dataset=f"folder:{root}", cache=str(tmp_path / "file" / "sub")))
+    data = load_dataset(DataConfig(dataset=f"folder:{root}", folder_image_size=None, cache="memory"), image_size=16)
     assert data.train.cache == data.test.cache == "memory" and data.info["decode"]["cache"] == "memory"
-
-
-@dataclasses.dataclass(frozen=True)
-class _WithCache(DataConfig):
-    """DataConfig with its ``cache`` field (``--cache``), whether or not transfer/config.py has it yet."""
-
-    cache: str = "none"
 
 
 def test_limit_train_is_a_stratified_seeded_subset():
