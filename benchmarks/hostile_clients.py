@@ -18,8 +18,9 @@ attacker process at lower CPU priority (nice 10: on a network the attacker would
     JSON at cap    :predict requests with JSON bodies just under --max-json-mb, as costly to parse as the server
                    lets JSON be (parsed in its JSON parser process)
     20% malformed  4 more clients at the well-behaved rate whose traffic is 80% valid :classify requests and 20%
-                   malformed bodies, parameters and HTTP (a flood at full speed would measure capacity, not
-                   malformedness: benchmarks/serve_load.py measures that)
+                   malformed bodies (/v1, and the v2 protocol's JSON and binary tensors), parameters and HTTP (a
+                   flood at full speed would measure capacity, not malformedness: benchmarks/serve_load.py measures
+                   that)
 
 Each attack runs right after a clean run of --seconds (no attack) and is compared with it: other work on the machine
 changes latency from one minute to the next, so each pair shares its conditions (the load average is printed).
@@ -278,13 +279,30 @@ async def attack_json(port: int, model: str, seconds: float, tally: Tally, size:
     return {"body_mb": len(body) / MB}
 
 
-def _malformed_bodies(model: str) -> list[tuple[str, bytes, str]]:
+def _v2_binary(tensor: dict, data: bytes, header_length: int | None = None) -> tuple[bytes, str]:
+    """An Open Inference Protocol body with the binary tensor data extension, and its extra header line."""
+    text = json.dumps({"inputs": [tensor]}).encode()
+    length = len(text) if header_length is None else header_length
+    return text + data, f"Inference-Header-Content-Length: {length}\r\n"
+
+
+def _malformed_bodies(model: str) -> list[tuple[str, bytes, str, str]]:
+    """(path, body, content type, extra header lines) of requests the server must refuse with a 4xx."""
     red = _png(np.full((20, 20, 3), (220, 30, 30), np.uint8))
     bomb = _png(np.zeros((1, 1), np.uint8))
     header = bytearray(bomb)
     header[16:24] = (30000).to_bytes(4, "big") * 2  # IHDR width/height: a 900 MP header on a tiny body
     c = f"/v1/models/{model}:classify"
-    return [
+    v2 = f"/v2/models/{model}/infer"
+
+    def v2_json(name: str, datatype: str, shape: list[int], data: list) -> bytes:
+        return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}]}).encode()
+
+    def b64(*blobs: bytes) -> list[str]:
+        return [base64.b64encode(b).decode() for b in blobs]
+
+    images = {"name": "image_bytes", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 7}}
+    bodies = [
         (c, b"definitely not an image", "image/png"),
         (c, red[: len(red) // 2], "image/png"),
         (c, b"", "image/png"),
@@ -297,7 +315,23 @@ def _malformed_bodies(model: str) -> list[tuple[str, bytes, str]]:
         ("/v1/models/nope:classify", red, "image/png"),
         (f"/v1/models/{model}:predict", b'{"instances": [[1, 2]]}', "application/json"),
         (f"/v1/models/{model}:predict", b'{"instances": [[NaN]]}', "application/json"),
+        # the Open Inference Protocol (v2): JSON tensors
+        (v2, b"{broken json", "application/json"),
+        (v2, v2_json("image", "INT32", [1, 2], [1, 2]), "application/json"),
+        (v2, v2_json("image", "FP32", [1, 2, 2, 3], [0.0] * 12), "application/json"),
+        (v2, v2_json("image_bytes", "BYTES", [1], b64(b"definitely not an image")), "application/json"),
+        (v2, v2_json("image_bytes", "BYTES", [1], b64(bytes(header))), "application/json"),
+        (v2, v2_json("image_bytes", "BYTES", [1], ["***"]), "application/json"),
+        ("/v2/models/nope/infer", v2_json("image_bytes", "BYTES", [1], b64(red)), "application/json"),
+        (f"/v2/models/{model}/versions/7/infer", v2_json("image_bytes", "BYTES", [1], b64(red)), "application/json"),
     ]
+    binary = [  # and the binary tensor data extension
+        _v2_binary(images, b"\3\0\0\0abc" * 10),  # more bytes than binary_data_size
+        _v2_binary(images, b"\3\0\0\0abc", header_length=10**6),  # header length past the body
+        _v2_binary(images, b"\xff\xff\xff\x7fabc"),  # an element longer than the data
+        _v2_binary(images, b"\x03\0\0\0abc"),  # not an image
+    ]
+    return [(*b, "") for b in bodies] + [(v2, body, "application/octet-stream", extra) for body, extra in binary]
 
 
 GARBAGE_HTTP = [b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"POST /x HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
@@ -330,12 +364,12 @@ async def attack_malformed(port: int, model: str, seconds: float, tally: Tally, 
                 await garbage(GARBAGE_HTTP[int(rng.integers(len(GARBAGE_HTTP)))])
                 continue
             if draw < 0.2:
-                p, body, ctype = bad[int(rng.integers(len(bad)))]
+                p, body, ctype, extra = bad[int(rng.integers(len(bad)))]
             else:
-                p, body, ctype = path, blobs[i % len(blobs)], "image/png"
+                p, body, ctype, extra = path, blobs[i % len(blobs)], "image/png", ""
             i += 1
             try:
-                status, _, data = await asyncio.wait_for(conn.request("POST", p, body, ctype), 60)
+                status, _, data = await asyncio.wait_for(conn.request("POST", p, body, ctype, extra), 60)
                 tally.add(f"{status} {_kind(status, data)}" if status != 200 else "200")
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
                 tally.add(f"error {type(exc).__name__}")

@@ -1,7 +1,9 @@
-"""The one authentication check of the /v1 API: ``Authorization: Bearer <api key>`` when the server has a key.
+"""The one authentication check of the /v1 and /v2 APIs: ``Authorization: Bearer <api key>`` when the server has a
+key.
 
 Routes that FastAPI runs declare it as a dependency (``Depends(authorize)``); the hot ``:classify`` route, which
-bypasses FastAPI's dependency injection, awaits it directly. /healthz, /readyz and /metrics stay open for probes.
+bypasses FastAPI's dependency injection, awaits it directly. /healthz, /readyz, /v2/health/* and /metrics stay open
+for probes.
 """
 
 from __future__ import annotations

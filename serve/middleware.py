@@ -14,7 +14,7 @@ from serve.protocol import RETRY_AFTER_S
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Probes and scraping are never refused for load: a busy server is alive, and says so.
-UNCOUNTED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+UNCOUNTED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 def _expects_body(headers: dict[bytes, bytes]) -> bool:

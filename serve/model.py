@@ -81,6 +81,12 @@ class OnnxModel:
     def name(self) -> str:
         return self.export.name
 
+    @property
+    def api_input(self) -> str:
+        """The input's name in the HTTP APIs (the manifest's: :predict's named inputs, the v2 protocol's input; the
+        ONNX graph's own, ``input_name``, may differ)."""
+        return self.export.manifest.get("input", {}).get("name", "image")
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N, classes) for a float32 (N, H, W, 3) batch."""
         return self.session.run(None, {self.input_name: batch})[0]
@@ -99,7 +105,7 @@ class OnnxModel:
         return {
             "name": self.name,
             "classes": list(self.export.classes),
-            "input": {"name": spec.get("name", "image"), "shape": list(self.export.input_shape),
+            "input": {"name": self.api_input, "shape": list(self.export.input_shape),
                       "dtype": "float32", "layout": "NHWC", "range": spec.get("range", [0, 255])},
             "preprocessing": {
                 "color": "RGB", "resize": list(self.export.size),

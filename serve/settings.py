@@ -58,7 +58,7 @@ class Settings:
     decode_memory_bytes: int = option(640 * MB, "memory all decodes in progress may hold together", cli=False)
     buffered_bytes: int = option(128 * MB, "memory request bodies and decoded batches may hold together", cli=False)
     max_concurrent_requests: int = option(128, "requests in progress at once (beyond: 503 with Retry-After; "
-                                          "/healthz, /readyz and /metrics are not counted)")
+                                          "health probes and /metrics are not counted)")
     max_connections: int = option(1000, "open connections (beyond: 503 and closed; lowered to fit the open-file "
                                   "limit)")
     header_timeout_s: float = option(10.0, "seconds a client has to send a request's headers (then 408, closed)",

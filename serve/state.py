@@ -17,7 +17,10 @@ from serve.errors import ApiError
 from serve.limits import BufferBudget, DecodeBudget
 from serve.metrics import Metrics
 from serve.model import OnnxModel
+from serve.oip import VERSION
 from serve.settings import Settings
+
+NOT_READY = "models are not loaded yet (or the server is stopping)"  # the message of every readiness probe's 503
 
 
 @dataclass
@@ -51,6 +54,15 @@ class ServeState:
         served = self.served.get(name)
         if served is None:
             raise ApiError(404, "unknown_model", f"no model named {name!r}; GET /v1/models lists them")
+        return served
+
+    def lookup_version(self, name: str, version: str | None) -> Served:
+        """``lookup(name)``, and 404 for a version other than VERSION (an export directory is one version); None:
+        the request named no version."""
+        served = self.lookup(name)
+        if version is not None and version != VERSION:
+            raise ApiError(404, "unknown_version", f"model {name!r} has no version {version!r}; its one version is "
+                           f"{VERSION!r}")
         return served
 
 

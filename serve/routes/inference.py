@@ -1,9 +1,11 @@
-"""Inference routes: ``POST /v1/models/{name}:classify`` (images in, top-k labels out) and ``:predict`` (TF-Serving
-JSON on decoded pixels). Both read the body, decode and queue the images on the model's Batcher within the request
-timeout. Images are checked on their headers first, then decoded one at a time into a batch the request holds against
-the server's buffer budget: small ones on the event loop, larger ones on the decode threads and the largest in the
-bulk process (serve/bulk.py), within the decode budget (serve/limits.py); a request that times out or whose client
-has gone stops decoding. Large JSON bodies are parsed in the bulk process too.
+"""Inference routes: ``POST /v1/models/{name}:classify`` (images in, top-k labels out), ``:predict`` (TF-Serving
+JSON on decoded pixels) and ``POST /v2/models/{name}[/versions/{version}]/infer`` (the Open Inference Protocol,
+serve/oip.py: pixels like :predict, or encoded images decoded through :classify's path). Each reads the body,
+decodes and queues the images on the model's Batcher within the request timeout. Images are checked on their
+headers first, then decoded one at a time into a batch the request holds against the server's buffer budget: small
+ones on the event loop, larger ones on the decode threads and the largest in the bulk process (serve/bulk.py), within
+the decode budget (serve/limits.py); a request that times out or whose client has gone stops decoding. Large
+JSON bodies are parsed in the bulk process too.
 
 This router has no router-level auth dependency, so that :classify can await ``authorize`` itself (see there): a new
 route here declares ``dependencies=[Depends(authorize)]`` as :predict does.
@@ -16,7 +18,7 @@ import contextlib
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from serve.auth import authorize
 from serve.engine import Overloaded
@@ -25,6 +27,7 @@ from serve.inputs import INLINE_PIXELS, Header, HeaderCheck, decode_array, decod
 from serve.jsonparse import b64_payload, parse_body, predict_payload
 from serve.limits import HELD_KEY, BudgetSpent
 from serve.multipart import read_files
+from serve.oip import HEADER_LENGTH, attach_binary, encode_response, parse_header, split_body
 from serve.state import Served, ServeState, state_of
 
 router = APIRouter(tags=["inference"])
@@ -146,6 +149,29 @@ async def _decode(request: Request, state: ServeState, blobs: list[bytes], heade
     return batch
 
 
+def _header_check(state: ServeState, entry: Served) -> HeaderCheck:
+    """The limits on the images of one request to ``entry``'s model (serve.inputs.HeaderCheck)."""
+    settings = state.settings
+    return HeaderCheck(entry.model.export.size, settings.max_pixels, settings.max_request_pixels, settings.max_images,
+                       state.decode_budget.total)
+
+
+async def _classify_images(request: Request, state: ServeState, entry: Served, blobs: list[bytes],
+                           check: HeaderCheck, stage: list[str]) -> np.ndarray:
+    """Probabilities of encoded images that passed ``check``: decoded (``_decode``) and run on the model's batcher.
+    The one decode path of :classify and of the v2 protocol's BYTES input."""
+    stage[0] = "decoding"
+    headers = check.headers
+    # The batch being formed waits (up to --batch-timeout-ms) for requests decoding on the event loop, whose images
+    # are moments away; not for large images, nor for bodies still arriving (a slow client would make every batch
+    # wait).
+    small = all(h.pixels <= INLINE_PIXELS for h in headers)
+    with entry.batcher.expect() if small else contextlib.nullcontext() as expectation:
+        images = await _decode(request, state, blobs, headers, entry.model.export.size)
+        stage[0] = "inference"
+        return await _run(state, entry, expectation, images)
+
+
 # The hot path takes its parameters from the request itself, not through FastAPI's dependency injection and
 # validation, and returns ready-made JSON: together they were about a third of the event loop's time per request.
 # So it awaits the auth check itself instead of declaring Depends(authorize), and documents its parameters in
@@ -162,20 +188,9 @@ async def classify(request: Request) -> JSONResponse:
     stage = ["reading"]
 
     async def work():
-        size = entry.model.export.size
-        check = HeaderCheck(size, settings.max_pixels, settings.max_request_pixels, settings.max_images,
-                            state.decode_budget.total)
+        check = _header_check(state, entry)
         blobs = await _read_images(request, state, check)
-        stage[0] = "decoding"
-        headers = check.headers
-        # The batch being formed waits (up to --batch-timeout-ms) for requests decoding on the event loop, whose
-        # images are moments away; not for large images, nor for bodies still arriving (a slow client would make
-        # every batch wait).
-        small = all(h.pixels <= INLINE_PIXELS for h in headers)
-        with entry.batcher.expect() if small else contextlib.nullcontext() as expectation:
-            images = await _decode(request, state, blobs, headers, size)
-            stage[0] = "inference"
-            return await _run(state, entry, expectation, images)
+        return await _classify_images(request, state, entry, blobs, check, stage)
 
     probabilities = await _bounded(work(), stage, settings.request_timeout_s)
     classes = entry.model.export.classes
@@ -196,7 +211,7 @@ async def predict(name: str, request: Request):
     entry = state.lookup(name)
     stage = ["reading"]
     export = entry.model.export
-    input_name = export.manifest.get("input", {}).get("name", "image")
+    input_name = entry.model.api_input
 
     async def work():
         body = await _read_body(request, settings.max_json_bytes, "a JSON body", "--max-json-mb")
@@ -209,3 +224,61 @@ async def predict(name: str, request: Request):
 
     probabilities, columnar = await _bounded(work(), stage, settings.request_timeout_s)
     return {"outputs" if columnar else "predictions": probabilities.tolist()}
+
+
+_INFER_BODY = {"requestBody": {"content": {
+    "application/json": {"schema": {"type": "object", "properties": {
+        "id": {"type": "string"},
+        "inputs": {"type": "array", "description": 'one tensor: {"name": "image", "datatype": "FP32", "shape": '
+                   '[N, H, W, 3], "data": [...]} or {"name": "image_bytes", "datatype": "BYTES", "shape": [N], '
+                   '"data": ["<base64 image>", ...]}'},
+        "outputs": {"type": "array", "description": '[{"name": "probabilities", "parameters": {"classification": k, '
+                    '"binary_data": false}}]'},
+        "parameters": {"type": "object"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                 "description": f"binary tensor data extension: JSON header ({HEADER_LENGTH} "
+                                 "bytes), then the tensors' bytes"},
+}}}
+
+
+@router.post("/v2/models/{name}/infer", dependencies=[Depends(authorize)], openapi_extra=_INFER_BODY)
+@router.post("/v2/models/{name}/versions/{version}/infer", dependencies=[Depends(authorize)],
+             openapi_extra=_INFER_BODY)
+async def infer_v2(name: str, request: Request):
+    """Open Inference Protocol (KServe v2 / Triton) inference: FP32 pixels or BYTES encoded images in, FP32
+    probabilities or top-k classification strings out, as JSON or binary tensor data (serve/oip.py)."""
+    state = state_of(request)
+    settings = state.settings
+    entry = state.lookup_version(name, request.path_params.get("version"))
+    model = entry.model
+    stage = ["reading"]
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding!r} is not supported; send the body "
+                       "uncompressed")
+
+    async def work():
+        header_length = request.headers.get(HEADER_LENGTH)
+        if header_length is None:
+            body = await _read_body(request, settings.max_json_bytes, "a JSON body", "--max-json-mb")
+        else:
+            body = await _read_body(request, settings.max_body_bytes, "the request body", "--max-body-mb")
+        header, data = split_body(body, header_length, settings.max_json_bytes)
+        stage[0] = "parsing"
+        parsed = await parse_body(state.bulk, parse_header, header, model.api_input, model.export.input_shape,
+                                  settings.max_images)
+        attach_binary(parsed, data)
+        if parsed.pixels is not None:
+            _hold(request, parsed.pixels.nbytes)
+            stage[0] = "inference"
+            return parsed, await _run(state, entry, None, parsed.pixels)
+        check = _header_check(state, entry)
+        for i, blob in enumerate(parsed.blobs):
+            check.add(i, blob)
+        return parsed, await _classify_images(request, state, entry, parsed.blobs, check, stage)
+
+    parsed, probabilities = await _bounded(work(), stage, settings.request_timeout_s)
+    content, header_size = encode_response(parsed, name, probabilities, model.export.classes)
+    if header_size is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_size)})
