@@ -107,6 +107,14 @@ CASES = [
     (["predict", "{export}", "{img}", "--top-k", "0"], "--top-k"),
     (["predict", "/no/such/export", "{img}"], "/no/such/export"),
     (["predict", "{export}"], "IMAGE"),
+    # explain
+    (["explain", "{run}"], "IMAGE"),
+    (["explain", "/no/such/run", "{img}"], "/no/such/run"),
+    (["explain", "{run}", "/no/such/image.png"], "/no/such/image.png"),
+    (["explain", "{run}", "{txt}"], "notes.txt"),
+    (["explain", "{run}", "{img}", "--class", "zebra"], "unknown --class 'zebra'"),
+    (["explain", "{run}", "{img}", "--out", "/proc/x/y"], "--out"),
+    (["explain", "{hub_run}", "{img}"], "Hub module is one opaque layer"),
     # serve
     (["serve"], "nothing to serve"),
     (["serve", "--model-repo", "/no/such/repo"], "/no/such/repo"),
@@ -134,7 +142,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A complete run, its export, an image, a text file and bad config files, made once."""
+    """A complete run, its export, a crafted Hub run, an image, a text file and bad config files, made once."""
     root = tmp_path_factory.mktemp("world")
     art = root / "artifacts"
     assert main(["baseline", "--model", "lenet5", *TINY, "--no-tensorboard", "--artifacts", str(art),
@@ -155,6 +163,9 @@ def world(tmp_path_factory):
     (root / "one" / "cat").mkdir(parents=True)
     for i in range(4):
         Image.new("RGB", (12, 12), (40 * i, 10, 10)).save(root / "one" / "cat" / f"{i}.png")
+    from hub_fixtures import craft_hub_run, save_hub_module
+
+    hub_run = craft_hub_run(art / "runs" / "hub", save_hub_module(root / "hub_module", True), embed=True)
     (root / "bad.toml").write_text("epochz = 3\n")
     (root / "float.toml").write_text("epochs = 1.5\n")
     (root / "compare.toml").write_text("[[matrix]]\nbackbones = ['vgg16']\nimage_sizes = ['big']\n")
@@ -162,7 +173,8 @@ def world(tmp_path_factory):
     return {"root": root, "run": run, "export": art / "exports" / "run", "img": root / "red.png",
             "txt": root / "notes.txt", "empty_dir": root / "empty", "bad_toml": root / "bad.toml",
             "float_toml": root / "float.toml", "bad_compare": root / "compare.toml", "bench_toml": root / "bench.toml",
-            "corrupt_dir": root / "corrupt", "one_class_dir": root / "one", "two_class_dir": root / "two"}
+            "corrupt_dir": root / "corrupt", "one_class_dir": root / "one", "two_class_dir": root / "two",
+            "hub_run": hub_run}
 
 
 def _snapshot(root: Path) -> dict:

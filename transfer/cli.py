@@ -20,6 +20,7 @@ from transfer.options import CONFIG_DEST, add_data_args, add_run_args, add_train
 COMMAND_MODULES: tuple[str, ...] = (
     "transfer.doctor",
     "transfer.baselines_cli",
+    "transfer.explain",
     "export.cli",
     "transfer.compare.cli",
     "serve.cli",

@@ -1,5 +1,5 @@
-"""Every plot the toolkit draws: a run's accuracy/loss curves and confusion matrix, a comparison's trade-off, learning
-curve and accuracy plots (matplotlib, Agg backend)."""
+"""Every plot the toolkit draws: a run's accuracy/loss curves, confusion matrix and Grad-CAM grid, a comparison's
+trade-off, learning curve and accuracy plots (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,25 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], out_path: Pat
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def plot_gradcam_grid(tiles: list[tuple], per_row: int, out_path: Path, title: str) -> Path:
+    """Grad-CAM overlays in a grid, ``per_row`` to a row; ``tiles`` = (RGB uint8 overlay, caption, wrong), the
+    captions of wrong predictions in red."""
+    plt = _pyplot()
+    rows = max(1, -(-len(tiles) // per_row))
+    fig, axes = plt.subplots(rows, per_row, figsize=(2.2 * per_row + 0.4, 2.5 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, caption, wrong) in zip(axes.flat, tiles, strict=False):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=8, color="#b00" if wrong else "black")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=100)
     plt.close(fig)

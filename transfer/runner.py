@@ -138,6 +138,7 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
     plots.plot_history(read_history(run_path / rundir.HISTORY), run_path / "plots", title)
     plots.plot_confusion(evaluation["confusion_matrix"], dataset.classes, run_path / "plots" / "confusion.png",
                          f"{title}: test confusion")
+    _gradcam_plot(model, dataset, run_path / "plots", title)
 
     final_phase = result.phases[-1] if result.phases else {}
     manifest = {
@@ -197,6 +198,17 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
         + (f", logs/ (tensorboard --logdir {run_path / 'logs'})" if train_cfg.tensorboard else "")
     )
     return run_path
+
+
+def _gradcam_plot(model, dataset, out: Path, title: str) -> None:
+    """``plots/gradcam.png`` (a few test images per class, misclassified first); a diagnostic figure, so a failure
+    to draw it is one note, never a failed run."""
+    from transfer.explain import GRADCAM_PLOT, report_gradcam
+
+    try:
+        report_gradcam(model, dataset.test, dataset.classes, out / GRADCAM_PLOT, title)
+    except Exception as exc:  # the model, evaluation and other plots are written already
+        print(f"note: no {GRADCAM_PLOT} ({type(exc).__name__}: {str(exc).strip()[:200]})")
 
 
 def training_pipelines(dataset, augment_cfg, train_cfg: TrainConfig):
