@@ -15,6 +15,7 @@ from transfer.errors import UserError, unknown
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "cosine", "exponential")
 STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")  # transfer.distribute builds them
+RANK_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # transfer.compare.ranking ranks by them
 
 
 def option(default, help: str, *, flag: str | None = None, choices: tuple | None = None, metavar: str | None = None,
@@ -82,6 +83,9 @@ class TrainConfig:
     fine_tune_lr: float = option(1e-4, "learning rate once layers are unfrozen")
     schedule: str = option("constant", "learning-rate schedule per phase", choices=SCHEDULES)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy, in [0, 1)")
+    class_weight: str = option("none", "per-class loss weights: none | balanced (n_samples / (n_classes * count) "
+                               "from the training split) | FILE (TOML or JSON map {class name: weight}; classes it "
+                               "does not name weigh 1.0; weights finite and > 0)", metavar="none|balanced|FILE")
     batch_size: int = option(64, "global batch size", minimum=1, maximum=65_536)
     epochs: int = option(10, "epochs of the fine-tuning phase (of the only phase with --unfreeze 0)", minimum=0,
                          maximum=MAX_EPOCHS)
@@ -103,6 +107,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(f"invalid {message}")
+        from transfer.class_weights import check_spec
+
+        check_spec(self.class_weight)
 
 
 _AUG_PRESETS: dict[str, dict[str, float | bool]] = {
@@ -215,9 +222,14 @@ class CompareConfig:
     head: str = option("default", "head of every fine-tuned cell")
     artifacts: str = option("artifacts", "artifacts root")
     latency_runs: int = option(30, "timed batch-1 calls per model (median reported)", minimum=1, maximum=100_000)
+    rank_by: str = option("accuracy", "test metric that ranks the cells and picks the winners (intervals: Wilson for "
+                          "accuracy, a seeded bootstrap over the test images for the others)",
+                          choices=RANK_METRICS)
 
     def __post_init__(self):
         check_bounds(self)
+        if self.rank_by not in RANK_METRICS:
+            raise UserError(f"invalid --rank-by '{self.rank_by}' (choices: {', '.join(RANK_METRICS)})")
 
 
 @dataclass(frozen=True)

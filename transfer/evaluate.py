@@ -1,12 +1,54 @@
-"""Test-set evaluation: accuracy, top-5, per-class precision/recall and the confusion matrix."""
+"""Test-set evaluation: accuracy, balanced accuracy, macro-F1, top-5, per-class precision/recall and the confusion
+matrix.
+
+Balanced accuracy (the mean per-class recall) and macro-F1 (the mean per-class F1) average over the classes **present
+in the split** (support > 0): a class with no test images has no recall to average, so it neither counts as 0 nor
+as 1. Predicting such a class is still a miss for the image's true class. Both match scikit-learn's
+``balanced_accuracy_score`` and ``f1_score(average="macro", labels=<classes present in y_true>)``; an empty split
+gives 0.0 like accuracy. :func:`balanced_accuracy` and :func:`macro_f1` work on one confusion matrix or a stack of
+them (the comparison's bootstrap, ``transfer.compare.stats``).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 
+def _per_class(confusion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(recall, f1, present) per class of confusion matrices (..., K, K): rows true, columns predicted."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    tp = np.diagonal(confusion, axis1=-2, axis2=-1)
+    actual, predicted = confusion.sum(axis=-1), confusion.sum(axis=-2)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    # F1 = 2 TP / (actual + predicted): the harmonic mean of precision and recall, 0 when there is nothing to divide
+    f1 = np.divide(2 * tp, actual + predicted, out=np.zeros_like(tp), where=(actual + predicted) > 0)
+    return recall, f1, actual > 0
+
+
+def _mean_over_present(values: np.ndarray, present: np.ndarray):
+    count = present.sum(axis=-1)
+    total = np.where(present, values, 0.0).sum(axis=-1)
+    return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+
+
+def balanced_accuracy(confusion):
+    """Mean recall over the classes present (rows with support); 0.0 for an empty matrix. A float for one matrix,
+    an array for a stack."""
+    recall, _, present = _per_class(confusion)
+    out = _mean_over_present(recall, present)
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def macro_f1(confusion):
+    """Mean F1 over the classes present (rows with support); 0.0 for an empty matrix."""
+    _, f1, present = _per_class(confusion)
+    out = _mean_over_present(f1, present)
+    return float(out) if np.ndim(out) == 0 else out
+
+
 def metrics_from_probs(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
-    """All evaluation numbers from predicted probabilities and true labels (pure numpy)."""
+    """All evaluation numbers from predicted probabilities and true labels (pure numpy; see the module docstring for
+    the classes balanced accuracy and macro-F1 average over)."""
     labels = np.asarray(labels).astype(np.int64)
     num_classes = len(classes)
     predicted = probs.argmax(axis=1)
@@ -31,7 +73,9 @@ def metrics_from_probs(probs: np.ndarray, labels: np.ndarray, classes: list[str]
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual_i}
     out["per_class"] = per_class
-    out["macro_f1"] = float(np.mean([v["f1"] for v in per_class.values()]))
+    out["balanced_accuracy"] = balanced_accuracy(confusion)
+    out["macro_f1"] = macro_f1(confusion)
+    out["classes_in_split"] = int((confusion.sum(axis=1) > 0).sum())  # what the two averages run over
     return out
 
 

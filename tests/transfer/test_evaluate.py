@@ -48,7 +48,9 @@ def test_metrics_of_a_hand_computed_confusion_matrix():
         got = out["per_class"][name]
         assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((precision, recall, f1)), name
         assert got["support"] == support
-    assert out["macro_f1"] == pytest.approx((4 / 7 + 2 / 3 + 3 / 4 + 0) / 4)  # = 167/336, d counts as 0
+    # d has no test image: both class averages run over the three classes present (d counts neither as 0 nor 1)
+    assert out["macro_f1"] == pytest.approx((4 / 7 + 2 / 3 + 3 / 4) / 3)
+    assert out["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 3 / 5) / 3) and out["classes_in_split"] == 3
     assert "top5_accuracy" not in out  # fewer than five classes
 
 

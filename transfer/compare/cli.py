@@ -106,7 +106,7 @@ def run_compare(settings, *, trust_hub: bool = False) -> CompareResult:
     """Train every cell of ``settings`` (complete runs are kept), measure, rank, pick winners, write the report."""
     from transfer.baselines import BaselineConfig, baseline_recipe, get_baseline
     from transfer.compare.measure import check_same_data, collect_row
-    from transfer.compare.ranking import annotate, competition_rank, pick_winners
+    from transfer.compare.ranking import annotate, competition_rank, metric_key, pick_winners
     from transfer.compare.report import print_table, write_report
     from transfer.config import ModelConfig, RunConfig
     from transfer.data import load_dataset
@@ -170,14 +170,14 @@ def run_compare(settings, *, trust_hub: bool = False) -> CompareResult:
     check_same_data(manifests, expected=fingerprint)
     print(f"\nmeasuring batch-1 latency ({top.latency_runs} calls per model after warm-up) ...", flush=True)
     rows = [collect_row(cell, runs[cell.name], top.latency_runs, trust_hub=trust_hub) for cell in settings.cells]
-    for row, rank in zip(rows, competition_rank([r["test_accuracy"] for r in rows]), strict=True):
+    for row, rank in zip(rows, competition_rank([r[metric_key(top.rank_by)] for r in rows]), strict=True):
         row["rank"] = rank
-    annotate(rows)
+    annotate(rows, rank_by=top.rank_by)
     rows.sort(key=lambda r: (r["rank"], r["size_bytes"], r["latency_ms"]))
     winners = pick_winners(rows)
     summary = {"dataset": data_cfg.dataset, "fingerprint": fingerprint, "seeds": seeds,
                "data": dataclasses.asdict(data_cfg), "shared_augment": dataclasses.asdict(settings.augment),
-               "train": dataclasses.asdict(settings.train), "latency_runs": top.latency_runs,
+               "train": dataclasses.asdict(settings.train), "latency_runs": top.latency_runs, "rank_by": top.rank_by,
                "config_file": str(settings.config_file) if settings.config_file else None}
     out = write_report(Path(top.artifacts) / "reports" / report, report, rows, winners, summary)
     print_table(rows, winners)

@@ -10,6 +10,7 @@ from transfer import rundir
 from transfer.compare.matrix import Cell
 from transfer.compare.ranking import mean_std
 from transfer.errors import UserError
+from transfer.evaluate import balanced_accuracy, macro_f1
 
 
 def measure_latency(model_path: Path, shape: list[int], runs: int = 30, warmup: int = 5, *,
@@ -53,6 +54,11 @@ def collect_row(cell: Cell, run_paths: list[Path], latency_runs: int, *, trust_h
     best = max(range(len(run_paths)), key=lambda i: evaluations[i]["accuracy"])
     confusion = evaluations[0]["confusion_matrix"]
     samples = evaluations[0]["samples"]
+    # from each run's confusion matrix, so runs evaluated before these metrics existed have them too
+    balanced, balanced_std = mean_std([balanced_accuracy(e["confusion_matrix"]) for e in evaluations])
+    f1, f1_std = mean_std([macro_f1(e["confusion_matrix"]) for e in evaluations])
+    pooled = [[sum(cells) for cells in zip(*rows, strict=True)]
+              for rows in zip(*(e["confusion_matrix"] for e in evaluations), strict=True)]
     majority = max(sum(row) for row in confusion) / samples if samples else 0.0
     return {
         "cell": cell.name,
@@ -65,7 +71,12 @@ def collect_row(cell: Cell, run_paths: list[Path], latency_runs: int, *, trust_h
         "test_accuracy": accuracy,
         "test_accuracy_std": accuracy_std,
         "test_accuracies": [e["accuracy"] for e in evaluations],
+        "test_balanced_accuracy": balanced,
+        "test_balanced_accuracy_std": balanced_std,
+        "test_macro_f1": f1,
+        "test_macro_f1_std": f1_std,
         "test_samples": samples,
+        "confusion_matrix": pooled,  # summed over seeds: what the bootstrap of the class-averaged metrics resamples
         "chance_accuracy": max(1 / len(confusion), majority),  # guessing, or always naming the largest class
         "top5_accuracy": top5_mean,
         "top5_accuracy_std": top5_std,

@@ -27,7 +27,9 @@ def _tables() -> tuple[Table, ...]:
 
 def register(subparsers) -> None:
     """Add the ``pipeline`` sub-command."""
-    from transfer.config import RunConfig
+    from dataclasses import fields
+
+    from transfer.config import CompareConfig, RunConfig
     from transfer.options import add_config_args
 
     p = subparsers.add_parser(
@@ -44,6 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--serve", action="store_true", help="afterwards, serve the best model's export (Ctrl-C stops)")
     p.add_argument("--port", type=int, help="port for --serve (default: serve's)")
     add_config_args(p, RunConfig, exclude=("artifacts", "name", "overwrite"))
+    add_config_args(p, CompareConfig, exclude=tuple(f.name for f in fields(CompareConfig) if f.name != "rank_by"),
+                    unset=True, default_texts={"rank_by": "the config's, else accuracy"})
     p.set_defaults(func=cmd_pipeline)
 
 
@@ -55,7 +59,8 @@ def resolve(args) -> tuple:
     from transfer.pipeline.steps import export_settings
 
     config = load_config(args.config, _tables())
-    flags = argparse.Namespace(artifacts=args.artifacts, name=args.name, strategy=args.strategy)
+    flags = argparse.Namespace(artifacts=args.artifacts, name=args.name, strategy=args.strategy,
+                               rank_by=args.rank_by)
     settings = resolve_settings(config, flags, config_file=str(args.config))
     exporting = export_settings(build(ExportStepConfig, config["export"], "[export]"), args.formats, args.quantize)
     benching = build(BenchConfig, config["bench"], "[bench]")
