@@ -71,6 +71,10 @@ CASES = [
     (["finetune", "--seed", "-1"], "--seed -1"),
     (["finetune", "--strategy", "gpu"], "'gpu'"),
     (["finetune", "--strategy", "multi-worker"], "TF_CONFIG"),
+    (["finetune", "--class-weight", "balance"], "did you mean 'balanced'"),
+    (["finetune", "--class-weight", "{root}/weights_unknown.toml"], "valid classes: circle, square"),
+    (["finetune", "--class-weight", "{root}/weights_negative.json"], "weight of class 'circle' is -2.0"),
+    (["baseline", "--model", "vgg1", "--class-weight", "{root}/weights_nan.toml"], "weight of class 'circle' is nan"),
     (["finetune", "--config", "/no/such/config.toml"], "/no/such/config.toml"),
     (["finetune", "--config", "{bad_toml}"], "epochz"),
     (["finetune", "--config", "{float_toml}"], "epochs = 1.5"),
@@ -129,6 +133,8 @@ CASES = [
     (["compare", "--backbones", "mobilenet2"], "did you mean 'mobilenetv2'"),
     (["compare", "--backbones", "vgg16", "--image-sizes", "32,big"], "'big'"),
     (["compare", "--baselines", "vgg1", "--latency-runs", "0"], "--latency-runs 0"),
+    (["compare", "--baselines", "vgg1", "--rank-by", "f1"], "'f1'"),
+    (["compare", "--baselines", "vgg1", "--class-weight", "{root}/weights_nan.toml"], "weight of class 'circle'"),
     (["compare", "--config", "/no/such/compare.toml"], "/no/such/compare.toml"),
     (["compare", "--config", "{bad_compare}"], "image_sizes = ['big']"),
     (["pipeline", "/no/such/pipeline.toml"], "/no/such/pipeline.toml"),
@@ -167,6 +173,9 @@ def world(tmp_path_factory):
 
     hub_run = craft_hub_run(art / "runs" / "hub", save_hub_module(root / "hub_module", True), embed=True)
     (root / "bad.toml").write_text("epochz = 3\n")
+    (root / "weights_unknown.toml").write_text("circle = 2.0\nsquar = 3.0\n")  # synthetic's: circle, square, ...
+    (root / "weights_negative.json").write_text('{"circle": -2.0}')
+    (root / "weights_nan.toml").write_text("circle = nan\n")
     (root / "float.toml").write_text("epochs = 1.5\n")
     (root / "compare.toml").write_text("[[matrix]]\nbackbones = ['vgg16']\nimage_sizes = ['big']\n")
     (root / "bench.toml").write_text("[[matrix]]\nbaselines = ['vgg1']\n[bench]\niterations = -1\n")

@@ -72,6 +72,16 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
         f"data: {dataset.name} — {len(dataset.classes)} classes, {shape}, "
         f"train {len(dataset.train.y)} / val {len(dataset.val.y)} / test {len(dataset.test.y)}"
     )
+    from transfer import class_weights
+
+    # Resolved before the run directory is claimed: a FILE naming unknown classes leaves nothing behind.
+    weights = class_weights.resolve(train_cfg.class_weight, dataset.classes, dataset.train.y)
+    if weights.identity() is None:
+        config["train"].pop("class_weight", None)
+    else:
+        config["train"]["class_weight"] = weights.identity()
+        print(f"class weights ({weights.source}): "
+              + ", ".join(f"{name} {w:.3g}" for name, w in weights.weights.items()))
 
     import keras
 
@@ -107,7 +117,8 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
         # Replicas need equal shares of every batch: validation repeats a few samples to fill its last batch,
         # training drops its last partial batch (reshuffled every epoch), the test evaluation pads and trims.
         padded = dataclasses.replace(dataset, val=pad_to_batches(dataset.val, train_cfg.batch_size))
-    train_ds, val_ds, steps = training_pipelines(padded if replicas > 1 else dataset, augment_cfg, train_cfg)
+    train_ds, val_ds, steps = training_pipelines(padded if replicas > 1 else dataset, augment_cfg, train_cfg,
+                                                 class_weights=weights)
     if replicas > 1:
         train_ds = train_ds.rebatch(train_cfg.batch_size, drop_remainder=True)
         steps = len(dataset.train.y) // train_cfg.batch_size
@@ -152,6 +163,7 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(),
                     "sizes": {s: len(getattr(dataset, s).y) for s in ("train", "val", "test")}},
         "classes": dataset.classes,
+        "class_weight": weights.record(),
         "input": _input_spec(dataset.native_shape),
         "model": {
             "file": rundir.MODEL,
@@ -165,6 +177,8 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
         "metrics": {
             "test_accuracy": evaluation["accuracy"],
             "test_top5_accuracy": evaluation.get("top5_accuracy"),
+            "test_balanced_accuracy": evaluation["balanced_accuracy"],
+            "test_macro_f1": evaluation["macro_f1"],
             "test_loss": evaluation["loss"],
             "best_val_accuracy": result.best_val_accuracy,
             "best_epoch": result.best_epoch,
@@ -189,7 +203,8 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
             (run_path / "checkpoints" / name).unlink(missing_ok=True)
     top5 = evaluation.get("top5_accuracy")
     print(
-        f"\ndone: test accuracy {evaluation['accuracy']:.4f}"
+        f"\ndone: test accuracy {evaluation['accuracy']:.4f}, balanced accuracy "
+        f"{evaluation['balanced_accuracy']:.4f}, macro-F1 {evaluation['macro_f1']:.4f}"
         + (f", top-5 {top5:.4f}" if top5 is not None else "")
         + f" (best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}, "
         f"{result.epochs_run} epochs, {result.train_seconds:.0f}s training)\n"
@@ -211,8 +226,13 @@ def _gradcam_plot(model, dataset, out: Path, title: str) -> None:
         print(f"note: no {GRADCAM_PLOT} ({type(exc).__name__}: {str(exc).strip()[:200]})")
 
 
-def training_pipelines(dataset, augment_cfg, train_cfg: TrainConfig):
-    """The train and validation tf.data pipelines of a run (labels one-hot) and steps per epoch."""
+def training_pipelines(dataset, augment_cfg, train_cfg: TrainConfig, class_weights=None):
+    """The train and validation tf.data pipelines of a run (labels one-hot) and steps per epoch.
+
+    ``class_weights`` (a :class:`transfer.class_weights.ClassWeights` other than none) adds a per-sample weight to
+    every training batch, the weight of its label: Keras' ``class_weight`` as part of the pipeline, so it works
+    under every strategy (rebatched and sharded alike). Validation stays unweighted.
+    """
     import tensorflow as tf
 
     from transfer.data import make_pipeline
@@ -222,6 +242,9 @@ def training_pipelines(dataset, augment_cfg, train_cfg: TrainConfig):
                              augment=augment_cfg, seed=train_cfg.seed)
     val_ds = make_pipeline(dataset.val, batch_size=train_cfg.batch_size, training=False)
     train_ds, val_ds = (d.map(lambda x, y: (x, tf.one_hot(y, num_classes))) for d in (train_ds, val_ds))
+    if class_weights is not None and class_weights.source != "none":
+        table = tf.constant(class_weights.vector(dataset.classes), tf.float32)
+        train_ds = train_ds.map(lambda x, y: (x, y, tf.gather(table, tf.argmax(y, axis=-1))))
     return train_ds, val_ds, -(-len(dataset.train.y) // train_cfg.batch_size)
 
 
