@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from export.contract import BENCH, FAILED_EXPORT, FAILED_VERIFICATION, STATUS_KEY, VERIFY
-from export.formats import FAMILIES, FORMATS, QUANTIZE_CHOICES, ExportOptions
+from export.contract import BENCH, FAILED_EXPORT, FAILED_VERIFICATION, MANIFEST, SECTION, SOURCE_RUN, STATUS_KEY, VERIFY
+from export.formats import FAMILIES, FORMATS, QUANTIZE_CHOICES, ExportOptions, VerifyOptions
 from transfer.config import BenchConfig
 from transfer.options import add_config_args, build, cli_fields, flag_of, given
 
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="export directory (default: <artifacts>/exports/<run name>)")
     add_config_args(p, ExportOptions, unset=True)  # unset: a format option given for no chosen format is refused
     p.add_argument("--no-verify", action="store_true", help="skip parity verification")
-    p.add_argument("--verify-samples", type=int, help="verify on the first N test images (default: all)")
+    add_config_args(p, VerifyOptions, unset=True)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an export of another run at --out (re-exporting the same run needs no flag)")
     _add_trust_flag(p)
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("verify", help="re-verify the artifacts of an export directory against their run")
     p.add_argument("export_dir")
-    p.add_argument("--verify-samples", type=int, help="verify on the first N test images (default: all)")
+    add_config_args(p, VerifyOptions, unset=True)
     _add_trust_flag(p)
     p.set_defaults(func=cmd_verify)
 
@@ -48,16 +48,33 @@ def _add_trust_flag(p) -> None:
 
 
 def _finish(result, command: str) -> int:
+    """0 when every format this command produced or checked passed; else 1 and one line on stderr: which formats
+    failed and why, that failed artifacts are kept (marked in the manifest) and how to re-check or re-export."""
     formats = result.formats
     failed = [name for name, entry in formats.items()
               if entry[STATUS_KEY] in (FAILED_EXPORT, FAILED_VERIFICATION) and
               (name in result.reports or entry[STATUS_KEY] == FAILED_EXPORT)]
-    if failed:
-        detail = "; ".join(f"{n}: {formats[n][STATUS_KEY]}" for n in failed)
-        print(f"transfer {command}: {len(failed)} format(s) failed ({detail}); see {result.out / VERIFY}",
-              file=sys.stderr)
-        return 1
-    return 0
+    if not failed:
+        return 0
+    out, run = result.out, result.manifest[SECTION].get(SOURCE_RUN) or "RUN_DIR"
+    parts, todo = [], []
+    for name in failed:
+        entry, report = formats[name], result.reports.get(name) or {}
+        reasons = report.get("failures") or [entry.get("error") or "see verify.json"]
+        more = f" and {len(reasons) - 1} more" if len(reasons) > 1 else ""
+        parts.append(f"{name}: {entry[STATUS_KEY]} ({reasons[0]}{more})")
+    verification = [n for n in failed if formats[n][STATUS_KEY] == FAILED_VERIFICATION]
+    exports = [n for n in failed if formats[n][STATUS_KEY] == FAILED_EXPORT]
+    if verification:
+        one = len(verification) == 1
+        todo.append(f"{'its artifact is' if one else 'their artifacts are'} kept in {out}, marked "
+                    f"{FAILED_VERIFICATION} in {MANIFEST} (do not ship {'it' if one else 'them'}; details in "
+                    f"{VERIFY}); re-check with `transfer verify {out} --verify-samples 5000`")
+    if exports:
+        todo.append(f"re-export with `transfer export {run} --formats {','.join(exports)}`")
+    print(f"transfer {command}: {len(failed)} of {len(formats)} formats failed: {'; '.join(parts)}; "
+          f"{'; '.join(todo)}", file=sys.stderr)
+    return 1
 
 
 def cmd_export(args) -> int:
@@ -67,9 +84,10 @@ def cmd_export(args) -> int:
     values = given(args, ExportOptions)
     options = build(ExportOptions, values, "the export options")
     flags = {f.name: flag_of(f) for f in cli_fields(ExportOptions)}
+    samples = build(VerifyOptions, given(args, VerifyOptions), "the verify options").verify_samples
     cfg = ExportConfig(run_dir=args.run_dir, formats=args.formats, quantize=args.quantize, out=args.out,
                        options=options, given_options={k: flags[k] for k in values}, verify=not args.no_verify,
-                       verify_samples=args.verify_samples, overwrite=args.overwrite, trust_hub=args.trust_hub)
+                       verify_samples=samples, overwrite=args.overwrite, trust_hub=args.trust_hub)
     result = run_export(cfg)
     if result.reports:
         print(format_table(result.reports))
@@ -81,7 +99,8 @@ def cmd_verify(args) -> int:
     from export.exporter import reverify
     from export.verify import format_table
 
-    result = reverify(Path(args.export_dir), args.verify_samples, trust_hub=args.trust_hub)
+    samples = build(VerifyOptions, given(args, VerifyOptions), "the verify options").verify_samples
+    result = reverify(Path(args.export_dir), samples, trust_hub=args.trust_hub)
     print(format_table(result.reports))
     return _finish(result, "verify")
 

@@ -49,6 +49,8 @@ FAILED_VERIFICATION = "failed-verification"
 # Model names appear in URLs and metrics labels: no separators, no dots first, bounded length.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 INPUT_CONTRACT = (("dtype", "float32"), ("layout", "NHWC"), ("color", "RGB"))
+ONNX_OUTPUT = "probabilities"  # the ONNX graph's one output (softmax over the labels), named for what it is
+PIXEL_RANGE = (0.0, 255.0)  # what every artifact takes: raw RGB pixels, resized, preprocessing inside the graph
 
 
 def sha256_of(path: str | os.PathLike) -> str:

@@ -42,7 +42,7 @@ from export.contract import (
     sha256_of,
     size_of,
 )
-from export.formats import FORMATS, ExportContext, ExportOptions, Format, check_options, select_formats
+from export.formats import FORMATS, ExportContext, ExportOptions, Format, VerifyOptions, check_options, select_formats
 from transfer import rundir
 from transfer.errors import UserError
 
@@ -58,7 +58,7 @@ class ExportConfig:
     options: ExportOptions = field(default_factory=ExportOptions)
     given_options: dict = field(default_factory=dict)  # ExportOptions field -> flag the user passed
     verify: bool = True
-    verify_samples: int | None = None
+    verify_samples: int | None = None  # None: VerifyOptions' default
     overwrite: bool = False  # replace an export of another run at ``out``
     trust_hub: bool = False  # --trust-hub-handle: let a Hub layer load its module from outside the run directory
 
@@ -82,15 +82,21 @@ def default_out(run_dir: Path, run_name: str) -> Path:
     return root / "exports" / run_name
 
 
-def calibration_images(train_x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` training images (seeded, without replacement) as float32 0..255; no images is a UserError."""
+def calibration_images(train, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` images of the training split ``train`` (seeded, without replacement: export.verify.calibration_index,
+    which verification leaves out) as float32 0..255; no images is a UserError."""
+    from export.verify import calibration_index, split_pixels
+
     if n <= 0:
         raise UserError(f"--calibration-samples {n} must be > 0")
-    if len(train_x) == 0:
+    if len(train) == 0:
         raise UserError("int8 quantization needs calibration data, but the run's training split is empty; "
                         "drop int8 from --quantize")
-    pick = np.random.default_rng(seed).choice(len(train_x), size=min(n, len(train_x)), replace=False)
-    return train_x[np.sort(pick)].astype(np.float32)
+    return split_pixels(train, calibration_index(len(train), n, seed)).astype(np.float32)
+
+
+def _seed(source: dict) -> int:
+    return int(source["config"]["train"].get("seed", 0))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -266,6 +272,8 @@ def run_export(cfg: ExportConfig) -> ExportResult:
     check_options(rows, cfg.given_options)
     if cfg.options.calibration_samples <= 0:
         raise UserError(f"--calibration-samples {cfg.options.calibration_samples} must be > 0")
+    if cfg.verify_samples is not None:
+        VerifyOptions(cfg.verify_samples)  # refused (one line) before anything is loaded
     if cfg.options.opset is not None and not 7 <= cfg.options.opset <= 18:
         raise UserError(f"--opset {cfg.options.opset} is outside what tf2onnx supports (7..18)")
     out = Path(cfg.out) if cfg.out else default_out(run_dir, source["name"])
@@ -293,10 +301,11 @@ def _export_into(stage: Path, out: Path, cfg: ExportConfig, run_dir: Path, sourc
     dataset = load_run_dataset(source, run_dir, "pass --no-verify") if cfg.verify or needs_calibration else None
     calibration = None
     if needs_calibration:
-        calibration_images(dataset.train.x, cfg.options.calibration_samples)  # refuse before any work
+        if cfg.options.calibration_samples <= 0 or len(dataset.train) == 0:  # refuse before any work
+            calibration_images(dataset.train, cfg.options.calibration_samples)
 
         def calibration(n):
-            return calibration_images(dataset.train.x, n, seed=source["config"]["train"].get("seed", 0))
+            return calibration_images(dataset.train, n, seed=_seed(source))
 
     classes = list(source["classes"])
     (stage / LABELS).write_text("\n".join(classes) + "\n")
@@ -311,11 +320,12 @@ def _export_into(stage: Path, out: Path, cfg: ExportConfig, run_dir: Path, sourc
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    new_reports = {}
+    new_reports, verify_set = {}, None
     if cfg.verify:
-        new_reports = _verify_all(model, predictors, dataset, entries, cfg.verify_samples)
+        verify_set = _verification_set(dataset, entries, cfg.verify_samples, _seed(source))
+        new_reports = _verify_all(model, predictors, verify_set, entries)
     if cfg.verify or reports:
-        _write_reports(stage, run_dir.resolve(), {**reports, **new_reports})
+        _write_reports(stage, run_dir.resolve(), {**reports, **new_reports}, verify_set)
     manifest = _manifest(source, run_dir, entries, cfg.verify)
     rundir.write_json(stage / MANIFEST, manifest)  # written last: a staging directory with it is complete
     return manifest, new_reports
@@ -347,13 +357,20 @@ def _export_one(row: Format, ctx: ExportContext, stage: Path, options: ExportOpt
     return entry, predictor
 
 
-def _verify_all(model, predictors: dict, dataset, entries: dict, limit: int | None) -> dict:
+def _verification_set(dataset, entries: dict, samples: int | None, seed: int):
+    """The images every artifact is verified on (export.verify.verification_set), leaving out the training images
+    that int8 calibration used (the largest ``calibration_samples`` an entry records, drawn with the same seed)."""
+    from export.verify import verification_set
+
+    samples = VerifyOptions().verify_samples if samples is None else VerifyOptions(samples).verify_samples
+    calibrated = max([int(e.get("calibration_samples") or 0) for e in entries.values() if isinstance(e, dict)] or [0])
+    return verification_set(dataset, samples, seed, calibrated)
+
+
+def _verify_all(model, predictors: dict, verify_set, entries: dict) -> dict:
     from export.verify import predict_batched, verify
 
-    x, y = dataset.test.x, dataset.test.y
-    if limit:
-        x, y = x[:limit], y[:limit]
-    inputs = x.astype(np.float32)
+    inputs, labels = verify_set.images, verify_set.labels
     reference = predict_batched(lambda b: model.predict_on_batch(b), inputs)
     reports = {}
     for name, predictor in predictors.items():
@@ -361,14 +378,13 @@ def _verify_all(model, predictors: dict, dataset, entries: dict, limit: int | No
             reports[name] = {"passed": False, "failures": [entries[name]["error"]], STATUS_KEY: FAILED_EXPORT}
             continue
         try:
-            report = verify(reference, predictor, inputs, y, FORMATS[name].thresholds)
+            report = verify(reference, predictor, inputs, labels, FORMATS[name].thresholds)
         except Exception as exc:  # a runtime that cannot run the artifact fails verification, it does not crash
             report = {"passed": False, "failures": [f"inference failed: {_one_line(exc)}"],
                       "traceback": traceback.format_exc()}
         report[STATUS_KEY] = VERIFIED if report["passed"] else FAILED_VERIFICATION
         entries[name][STATUS_KEY] = report[STATUS_KEY]
-        entries[name]["verification"] = {k: report.get(k) for k in
-                                         ("max_abs_diff", "mean_abs_diff", "top1_agreement", "accuracy", "failures")}
+        entries[name]["verification"] = {k: report.get(k) for k in _SUMMARY if k in report}
         reports[name] = report
     return reports
 
@@ -397,19 +413,30 @@ def _manifest(source: dict, run_dir: Path, formats: dict, verified: bool) -> dic
     }
 
 
-def _write_reports(out: Path, run_dir: Path, reports: dict) -> None:
-    rundir.write_json(out / VERIFY, {"split": "test", SOURCE_RUN: str(run_dir), FORMATS_KEY: reports})
+# what a format's manifest entry repeats of its verification report (verify.json holds the whole report)
+_SUMMARY = ("samples", "top1_agreement", "agreement_ci95", "decisive_samples", "decisive_agreement", "decisive_ci95",
+            "max_abs_diff", "mean_abs_diff", "p99_abs_diff", "accuracy", "accuracy_drop", "p_value", "failures",
+            "notes")
 
 
-def reverify(export_dir: Path, limit: int | None = None, *, trust_hub: bool = False) -> ExportResult:
+def _write_reports(out: Path, run_dir: Path, reports: dict, verify_set=None) -> None:
+    """verify.json: the reports and, when this export verified, which images (how many from each split)."""
+    images = dict(verify_set.origin) if verify_set is not None else None
+    rundir.write_json(out / VERIFY, {"images": images, "labelled": "test", SOURCE_RUN: str(run_dir),
+                                     FORMATS_KEY: reports})
+
+
+def reverify(export_dir: Path, samples: int | None = None, *, trust_hub: bool = False) -> ExportResult:
     """Verify the artifacts already in an export directory against their source run again.
 
     The source run's model is loaded by the one safe loader (``trust_hub`` is ``--trust-hub-handle``). An artifact
     is loaded only when its sha256 is the one the manifest lists; one without a listed sha256, or with another,
-    fails verification unloaded.
+    fails verification unloaded. ``samples``: how many images (None: VerifyOptions' default).
     """
     from transfer.runmodel import load_run_model
 
+    if samples is not None:
+        VerifyOptions(samples)
     export = ExportDir.open(export_dir, check_name=False)
     manifest = export.manifest
     run_dir = export.source_run
@@ -438,11 +465,12 @@ def reverify(export_dir: Path, limit: int | None = None, *, trust_hub: bool = Fa
             predictors[name] = None
             entry["error"] = f"cannot load: {_one_line(exc)}"
             entry["traceback"] = traceback.format_exc()
-    reports = _verify_all(model, predictors, dataset, entries, limit)
+    verify_set = _verification_set(dataset, entries, samples, _seed(source))
+    reports = _verify_all(model, predictors, verify_set, entries)
     for name, predictor in predictors.items():
         if predictor is None:
             entries[name][STATUS_KEY] = FAILED_VERIFICATION
             reports[name][STATUS_KEY] = FAILED_VERIFICATION
-    _write_reports(export.path, run_dir, reports)
+    _write_reports(export.path, run_dir, reports, verify_set)
     rundir.write_json(export.path / MANIFEST, manifest)
     return ExportResult(export.path, manifest, reports)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import FAILED_EXPORT, LABELS, STATUS_KEY, ExportDir
-from export.runtimes import LITERT, ONNXRUNTIME, TENSORFLOW, Predictor, Runtime, int8_boundaries
-from transfer.config import option
+from export.contract import FAILED_EXPORT, INPUT_CONTRACT, LABELS, ONNX_OUTPUT, PIXEL_RANGE, STATUS_KEY, ExportDir
+from export.runtimes import LITERT, ONNXRUNTIME, TENSORFLOW, Predictor, Runtime, int8_boundaries, native_output_logged
+from transfer.config import check_bounds, option
 from transfer.errors import UserError, unknown
 from transfer.options import comma_list
 
@@ -31,20 +31,44 @@ DEFAULT_OPSET = 15
 
 @dataclass(frozen=True)
 class Thresholds:
-    """What a candidate must meet against the Keras model; ``None`` disables a check."""
+    """What a candidate must meet against the Keras model (export.verify, docs/verification.md); None disables a check.
+
+    ``max_abs_diff``: a bound on the largest |probability difference| over every image and class.
+    ``max_p99_abs_diff``: a bound on the 99th percentile over images of each image's largest |difference|.
+    ``min_top1_agreement``: the format's floor of top-1 agreement on the images the Keras model decides (export.verify
+    .DECISIVE_MARGIN); the format fails only when the whole 95 % Wilson interval of that agreement lies below it
+    (confidently below, never on noise).
+    ``max_accuracy_drop``: the accuracy points (a fraction: 0.01 = one point) the format may lose on the labelled test
+    images; it fails only when the loss is larger *and* significant (exact one-sided McNemar p < 0.05).
+    """
 
     max_abs_diff: float | None = None
+    max_p99_abs_diff: float | None = None
     min_top1_agreement: float | None = None
-    max_accuracy_drop: float | None = None  # fraction (0.01 = one accuracy point)
+    max_accuracy_drop: float | None = None
 
     def as_dict(self) -> dict:
-        return {"max_abs_diff": self.max_abs_diff, "min_top1_agreement": self.min_top1_agreement,
-                "max_accuracy_drop": self.max_accuracy_drop}
+        return {"max_abs_diff": self.max_abs_diff, "max_p99_abs_diff": self.max_p99_abs_diff,
+                "min_top1_agreement": self.min_top1_agreement, "max_accuracy_drop": self.max_accuracy_drop}
 
 
-FLOAT32 = Thresholds(max_abs_diff=1e-4, min_top1_agreement=1.0)
-FLOAT16 = Thresholds(max_abs_diff=1e-2)
-QUANTIZED = Thresholds(max_accuracy_drop=0.01)
+# The numbers and the measurement behind each: docs/verification.md (benchmarks/verification_study.py).
+FLOAT32 = Thresholds(max_abs_diff=0.05, max_p99_abs_diff=0.01, min_top1_agreement=0.95)
+FLOAT16 = Thresholds(max_abs_diff=0.5, max_p99_abs_diff=0.25, min_top1_agreement=0.95)
+DYNAMIC = Thresholds(min_top1_agreement=0.75, max_accuracy_drop=0.01)
+INT8 = Thresholds(min_top1_agreement=0.40, max_accuracy_drop=0.01)
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How many images verification compares (``transfer export`` and ``transfer verify`` build their flag from it)."""
+
+    verify_samples: int = option(1000, "images each artifact is compared with the Keras model on: the test split "
+                                 "first, then drawn from validation and training images (never int8 calibration "
+                                 "images)", minimum=1, maximum=1_000_000)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass(frozen=True)
@@ -78,11 +102,22 @@ class Format:
         return self.runtime.load(path, num_threads)
 
 
+def inference_model(model):
+    """``model`` as a functional model whose every call runs in inference mode (``training=False`` recorded in its
+    graph), so exporters trace what ``predict`` runs. A backbone called without ``training=False`` (one trained from
+    scratch) otherwise traces its Dropout layers active when called plainly: EfficientNet's stochastic-depth dropout
+    made the SavedModel random and the TFLite and ONNX converters fail on its random ops."""
+    import keras
+
+    return keras.Model(model.inputs, model(model.inputs[0], training=False), name=model.name)
+
+
 class ExportContext:
-    """What exporters share: the loaded Keras model, calibration images, and a scratch SavedModel made once."""
+    """What exporters share: the loaded Keras model (in inference mode), calibration images, and a scratch SavedModel
+    made once."""
 
     def __init__(self, model, work_dir: Path, calibration: Callable[[int], np.ndarray] | None = None):
-        self.model = model
+        self.model = inference_model(model)
         self.work_dir = Path(work_dir)
         self._calibration = calibration
         self._saved_model: Path | None = None
@@ -117,13 +152,19 @@ def _tflite_converter(ctx: ExportContext):
     return tf.lite.TFLiteConverter.from_saved_model(str(ctx.saved_model()))
 
 
+def _convert(converter) -> bytes:
+    """``converter.convert()`` with the converter's native prints kept out of the user's terminal."""
+    with native_output_logged(1, 2):  # the calibrating quantizer prints "fully_quantize: 0, inference_type: 6, ..."
+        return converter.convert()
+
+
 def _write(dest: Path, content: bytes) -> dict:
     dest.write_bytes(content)
     return {}
 
 
 def _export_tflite(ctx: ExportContext, dest: Path, options: ExportOptions) -> dict:
-    return _write(dest, _tflite_converter(ctx).convert())
+    return _write(dest, _convert(_tflite_converter(ctx)))
 
 
 def _export_tflite_fp16(ctx: ExportContext, dest: Path, options: ExportOptions) -> dict:
@@ -132,7 +173,7 @@ def _export_tflite_fp16(ctx: ExportContext, dest: Path, options: ExportOptions) 
     converter = _tflite_converter(ctx)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_types = [tf.float16]
-    return _write(dest, converter.convert())
+    return _write(dest, _convert(converter))
 
 
 def _export_tflite_dynamic(ctx: ExportContext, dest: Path, options: ExportOptions) -> dict:
@@ -140,7 +181,7 @@ def _export_tflite_dynamic(ctx: ExportContext, dest: Path, options: ExportOption
 
     converter = _tflite_converter(ctx)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    return _write(dest, converter.convert())
+    return _write(dest, _convert(converter))
 
 
 def _export_tflite_int8(ctx: ExportContext, dest: Path, options: ExportOptions) -> dict:
@@ -159,7 +200,7 @@ def _export_tflite_int8(ctx: ExportContext, dest: Path, options: ExportOptions) 
     if options.int8_io:
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
-    _write(dest, converter.convert())
+    _write(dest, _convert(converter))
     return {"calibration_samples": len(images), "int8_io": options.int8_io}
 
 
@@ -169,6 +210,9 @@ def _export_onnx(ctx: ExportContext, dest: Path, options: ExportOptions) -> dict
     opset = options.opset or DEFAULT_OPSET
     try:
         ctx.model.export(str(dest), format="onnx", verbose=False, opset_version=opset)
+        extra = _extra_inputs(dest)
+        if extra:  # e.g. an un-adapted Normalization layer's mean and variance became graph inputs (EfficientNet)
+            raise RuntimeError(f"it made {len(extra)} more graph input(s), {extra[0]}")
         path = "keras model.export(format='onnx')"
     except Exception as exc:  # Keras's exporter is young: fall back to the long-standing SavedModel route
         first = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -176,10 +220,20 @@ def _export_onnx(ctx: ExportContext, dest: Path, options: ExportOptions) -> dict
         path = f"tf2onnx from SavedModel (keras export failed: {first})"
     model = onnx.load(str(dest))
     _make_batch_dynamic(model)
+    _name_output(model, ONNX_OUTPUT)
     onnx.checker.check_model(model)
     onnx.save(model, str(dest))
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     return {"opset": opsets.get("ai.onnx"), "opsets": opsets, "converter": path}
+
+
+def _extra_inputs(path: Path) -> list[str]:
+    """Graph inputs of the ONNX model at ``path`` besides the image (initializers listed as inputs excepted)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {init.name for init in graph.initializer}
+    return [value.name for value in graph.input if value.name not in constants][1:]
 
 
 def _tf2onnx_from_saved_model(saved_model: Path, dest: Path, opset: int) -> None:
@@ -189,6 +243,60 @@ def _tf2onnx_from_saved_model(saved_model: Path, dest: Path, opset: int) -> None
     if done.returncode != 0 or not dest.is_file():
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"tf2onnx failed: {tail}")
+
+
+def _name_output(model, name: str) -> None:
+    """Rename the graph's one output (``Identity:0`` from the converters) to ``name``, in every node that uses it."""
+    old = model.graph.output[0].name
+    if old == name:
+        return
+    for node in model.graph.node:
+        node.output[:] = [name if o == old else o for o in node.output]
+        node.input[:] = [name if i == old else i for i in node.input]
+    model.graph.output[0].name = name
+
+
+def embed_onnx_metadata(path: Path, labels: list[str]) -> dict:
+    """Write what a bare ONNX Runtime user needs into ``model.onnx``'s ``metadata_props`` (``session.get_modelmeta()
+    .custom_metadata_map``): the labels in output order, the input's shape, layout, colour order and pixel range, and
+    that preprocessing is inside the graph. Returns the keys written."""
+    import json
+
+    import onnx
+
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    height, width, channels = (d.dim_value or None for d in list(dims)[1:4])
+    contract = dict(INPUT_CONTRACT)
+    facts = {
+        "labels": json.dumps(labels),
+        "input_name": model.graph.input[0].name,
+        "input_shape": json.dumps(["batch", height, width, channels]),
+        "input_layout": contract["layout"],
+        "input_dtype": contract["dtype"],
+        "input_color": contract["color"],
+        "input_pixel_range": json.dumps(list(PIXEL_RANGE)),
+        "preprocessing": (f"resize each image to {height}x{width} (bilinear) and feed its {contract['color']} pixels "
+                          f"{PIXEL_RANGE[0]:g}..{PIXEL_RANGE[1]:g} as {contract['dtype']} {contract['layout']}; the "
+                          f"model's own scaling and normalization are inside the graph"),
+        "output_name": model.graph.output[0].name,
+        "output": "softmax probabilities, one per label, in the order of 'labels'",
+    }
+    kept = [p for p in model.metadata_props if p.key not in facts]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in facts.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+    return {"metadata_props": sorted(facts)}
+
+
+def read_onnx_metadata(path: Path) -> dict:
+    """``model.onnx``'s metadata as ONNX Runtime shows it to a bare user (``get_modelmeta().custom_metadata_map``)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(session.get_modelmeta().custom_metadata_map)
 
 
 def _make_batch_dynamic(model) -> None:
@@ -249,12 +357,13 @@ _ROWS = (
     Format("savedmodel", "saved_model", _export_savedmodel, TENSORFLOW, family="savedmodel"),
     Format("tflite", "model.tflite", _export_tflite, **_TFLITE),
     Format("tflite_fp16", "model_fp16.tflite", _export_tflite_fp16, thresholds=FLOAT16, quantize="fp16", **_TFLITE),
-    Format("tflite_dynamic", "model_dynamic.tflite", _export_tflite_dynamic, thresholds=QUANTIZED,
+    Format("tflite_dynamic", "model_dynamic.tflite", _export_tflite_dynamic, thresholds=DYNAMIC,
            quantize="dynamic", **_TFLITE),
-    Format("tflite_int8", "model_int8.tflite", _export_tflite_int8, thresholds=QUANTIZED, quantize="int8",
+    Format("tflite_int8", "model_int8.tflite", _export_tflite_int8, thresholds=INT8, quantize="int8",
            options=frozenset({"calibration_samples", "int8_io"}), needs_calibration=True, describe=_describe_int8,
            **_TFLITE),
-    Format("onnx", "model.onnx", _export_onnx, ONNXRUNTIME, options=frozenset({"opset"}), family="onnx"),
+    Format("onnx", "model.onnx", _export_onnx, ONNXRUNTIME, options=frozenset({"opset"}), family="onnx",
+           embed_labels=embed_onnx_metadata),
 )
 FORMATS: dict[str, Format] = {row.name: row for row in _ROWS}
 FAMILIES = tuple(dict.fromkeys(row.family for row in _ROWS))

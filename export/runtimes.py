@@ -8,6 +8,11 @@ dtype; LiteRT adds quantization parameters). A missing runtime package is a one-
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,43 @@ class Runtime:
     package: str  # what to pip install
     load: Callable[..., Predictor]
     process_wide_threads: bool = False  # its thread count is set once per process, not per loaded model
+
+
+@contextlib.contextmanager
+def native_output_logged(*fds: int):
+    """What native code writes to file descriptors ``fds`` (1: stdout, 2: stderr) meanwhile goes to the debug log
+    instead. TensorFlow Lite's C++ prints with stdio, which ``sys.stdout``/``contextlib.redirect_stdout`` cannot catch:
+    "fully_quantize: 0, ..." while calibrating, "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on every
+    interpreter, in the middle of export's table and predict's output."""
+    streams = {1: sys.stdout, 2: sys.stderr}
+    with contextlib.ExitStack() as stack:
+        saved = {}
+        for fd in fds:
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                streams[fd].flush()
+            try:
+                saved[fd] = os.dup(fd)
+            except OSError:  # no such descriptor (an embedding without stdio): nothing to redirect
+                continue
+            sink = stack.enter_context(tempfile.TemporaryFile())
+            os.dup2(sink.fileno(), fd)
+            saved[fd] = (saved[fd], sink)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                import ctypes
+
+                ctypes.CDLL(None).fflush(None)  # C stdio buffers, before the descriptors are put back
+            for fd, (old, sink) in saved.items():
+                with contextlib.suppress(AttributeError, ValueError, OSError):
+                    streams[fd].flush()
+                os.dup2(old, fd)
+                os.close(old)
+                sink.seek(0)
+                text = sink.read().decode(errors="replace").strip()
+                if text:
+                    logging.getLogger("transfer").debug("native output on fd %d: %s", fd, text)
 
 
 def _dims(shape) -> list[int | None]:
@@ -110,14 +152,16 @@ def _interpreter(path, num_threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:
         raise _missing("ai-edge-litert", "the TFLite runtime") from exc
-    return Interpreter(model_path=str(path), num_threads=num_threads)
+    with native_output_logged(2):  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+        interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+        interpreter.allocate_tensors()
+    return interpreter
 
 
 def load_tflite(path, num_threads: int | None = None) -> Predictor:
     """A TFLite file in the LiteRT interpreter; the batch is resized to each call's, integer-quantized inputs and
     outputs are (de)quantized here with the tensors' scale and zero point."""
     interpreter = _interpreter(path, num_threads)
-    interpreter.allocate_tensors()
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     state = {"batch": int(inp["shape"][0])}
 

@@ -15,9 +15,10 @@ import pytest
 
 from export.contract import ExportDir, export_is_current, sha256_of
 from export.exporter import calibration_images
-from export.formats import FORMATS, read_embedded_labels
+from export.formats import FORMATS, ExportContext, read_embedded_labels
 from export.verify import verify
 from transfer.cli import main
+from transfer.data import Split
 from transfer.errors import UserError
 
 TINY = ["--image-size", "32", "--head-epochs", "0", "--epochs", "1", "--synthetic-train", "200",
@@ -71,13 +72,19 @@ def test_every_format_round_trips_and_verifies(tiny_export, held_out_split, kera
     assert entry["file"] == row.file and (out / row.file).exists()
     assert entry["sha256"] == sha256_of(out / row.file) and entry["size_bytes"] > 0
     assert entry["inputs"][0]["shape"] == [None, 32, 32, 3] and entry["outputs"][0]["shape"] == [None, 10]
-    report = json.loads((out / "verify.json").read_text())["formats"][name]
-    assert report["passed"] and report["samples"] == 60
+    verified = json.loads((out / "verify.json").read_text())
+    report = verified["formats"][name]
+    # every image but the 64 int8 calibration ones: 60 test (labelled), 20 validation, 180 - 64 training
+    assert verified["images"] == {"test": 60, "val": 20, "train": 116}
+    assert report["passed"] and report["samples"] == 196 and report["test_samples"] == 60
+    assert report["agreement_ci95"][0] <= report["top1_agreement"] <= report["agreement_ci95"][1]
+    assert entry["verification"]["top1_agreement"] == report["top1_agreement"]
     # the artifact loads in its own runtime and agrees with Keras, checked by the same function export uses
     predictor = row.load(out / row.file)
     again = verify(keras_probs, predictor, held_out_split[0], held_out_split[1], row.thresholds)
     assert again["passed"], again["failures"]
-    assert again["max_abs_diff"] == pytest.approx(report["max_abs_diff"], abs=1e-6)
+    assert again["max_abs_diff"] <= report["max_abs_diff"] + 1e-6  # the test images are among the verified ones
+    assert again["accuracy"] == pytest.approx(report["accuracy"])
 
 
 def test_export_writes_labels_and_source(tiny_export, tiny_run):
@@ -104,6 +111,25 @@ def test_the_contract_reads_what_the_exporter_writes(tiny_export, tiny_run):
     run_manifest = json.loads((tiny_run / "manifest.json").read_text())
     assert export_is_current(out, tiny_run, run_manifest, list(FORMATS))
     assert not export_is_current(out, tiny_run.parent, run_manifest, list(FORMATS))
+
+
+def test_a_bare_onnxruntime_user_gets_labels_input_facts_and_a_named_output(tiny_export):
+    """Only onnxruntime and the file: the labels, the input the graph takes and what comes out, in its metadata."""
+    import onnxruntime
+
+    out, manifest = tiny_export
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["labels"]) == manifest["classes"]
+    assert json.loads(meta["input_shape"]) == ["batch", 32, 32, 3] and meta["input_layout"] == "NHWC"
+    assert json.loads(meta["input_pixel_range"]) == [0, 255] and meta["input_color"] == "RGB"
+    assert "32x32" in meta["preprocessing"]
+    assert [o.name for o in session.get_outputs()] == [meta["output_name"]] == ["probabilities"]
+    assert [i.name for i in session.get_inputs()] == [meta["input_name"]]
+    pixels = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    (probs,) = session.run(["probabilities"], {meta["input_name"]: pixels})
+    np.testing.assert_allclose(probs, FORMATS["onnx"].load(out / "model.onnx")(pixels), atol=1e-6)
+    assert manifest["export"]["formats"]["onnx"]["labels"]["metadata_props"] == sorted(meta)
 
 
 def test_onnx_has_a_dynamic_batch(tiny_export):
@@ -142,6 +168,38 @@ def test_bench_reports_every_format(tiny_export, capsys):
         assert result["status"] == "verified" and result["accuracy"] is not None
         assert {"p50_ms", "p90_ms", "p99_ms", "throughput_ips"} <= set(result["batch32"])
     assert "tflite_int8" in capsys.readouterr().out
+
+
+def test_a_broken_artifact_is_kept_marked_and_explained(tiny_run, tmp_path, monkeypatch, capsys):
+    """An artifact that is not the model (its outputs permuted, as a label mix-up would) fails verification; export
+    writes every artifact all the same, marks the broken one, and says in one line which, why and what to do."""
+    import keras
+
+    real = FORMATS["tflite"].export
+
+    def permuted(ctx, dest, options):
+        head = keras.layers.Dense(10, use_bias=False, trainable=False, name="permute")
+        outputs = head(ctx.model.outputs[0])
+        head.set_weights([np.roll(np.eye(10, dtype=np.float32), 1, axis=1)])  # output i + 1 = probability i
+        wrong = keras.Model(ctx.model.inputs[0], outputs)
+        return real(ExportContext(wrong, ctx.work_dir / "permuted"), dest, options)
+
+    monkeypatch.setitem(FORMATS, "tflite", dataclasses.replace(FORMATS["tflite"], export=permuted))
+    out = tmp_path / "x"
+    capsys.readouterr()
+    assert main(["export", str(tiny_run), "--formats", "savedmodel,tflite", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "transfer export: 1 of 2 formats failed: tflite: failed-verification (" in err
+    assert f"kept in {out}, marked failed-verification" in err and f"`transfer verify {out} --verify-samples" in err
+    formats = json.loads((out / "manifest.json").read_text())["export"]["formats"]
+    assert formats["tflite"]["status"] == "failed-verification" and formats["savedmodel"]["status"] == "verified"
+    assert formats["tflite"]["sha256"] == sha256_of(out / "model.tflite")  # written and listed, marked
+    # the 1-epoch model barely decides anything: its permuted copy fails on |diff| (and agreement, where it decides)
+    assert formats["tflite"]["verification"]["top1_agreement"] < 0.2 and formats["tflite"]["verification"]["failures"]
+    monkeypatch.undo()
+    assert main(["verify", str(out), "--verify-samples", "50"]) == 1  # still broken when checked again
+    assert "tflite: failed-verification" in capsys.readouterr().err
 
 
 def test_tampered_artifact_fails_verification_unloaded(tiny_export, tmp_path, capsys):
@@ -303,6 +361,7 @@ def test_an_out_directory_that_is_not_writable_names_out(tiny_run, capsys):
         (["--formats", "tflite", "--quantize", "fp16", "--int8-io"], "--int8-io applies only to tflite_int8"),
         (["--formats", "onnx", "--quantize", "int8"], "applies to tflite, which --formats does not include"),
         (["--quantize", "int8", "--calibration-samples", "0"], "--calibration-samples 0 must be > 0"),
+        (["--verify-samples", "0"], "invalid --verify-samples 0 (must be between 1 and 1,000,000)"),
     ],
 )
 def test_bad_options_are_one_line_errors(tiny_run, tmp_path, capsys, argv, message):
@@ -325,8 +384,9 @@ def test_missing_or_incomplete_run_is_refused(tmp_path, capsys):
 
 def test_no_calibration_data_is_a_user_error():
     with pytest.raises(UserError, match="needs calibration data"):
-        calibration_images(np.zeros((0, 8, 8, 3), np.uint8), 10)
-    picked = calibration_images(np.arange(20 * 2 * 2 * 3, dtype=np.uint8).reshape(20, 2, 2, 3), 5)
+        calibration_images(Split(np.zeros((0, 8, 8, 3), np.uint8), np.zeros(0, np.int64)), 10)
+    pixels = np.arange(20 * 2 * 2 * 3, dtype=np.uint8).reshape(20, 2, 2, 3)
+    picked = calibration_images(Split(pixels, np.zeros(20, np.int64)), 5)
     assert picked.shape == (5, 2, 2, 3) and picked.dtype == np.float32
 
 
