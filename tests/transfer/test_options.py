@@ -60,7 +60,7 @@ def test_every_command_reads_its_config_file(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("no_such_option = 1\n")
     positional = {"evaluate": ["RUN"], "export": ["RUN"], "verify": ["EXPORT"], "bench": ["EXPORT"],
-                  "predict": ["EXPORT", "x.png"], "pipeline": [str(bad)]}
+                  "predict": ["EXPORT", "x.png"], "explain": ["RUN", "x.png"], "pipeline": [str(bad)]}
     commands = build_parser().commands
     assert {"finetune", "baseline", "compare", "pipeline", "export", "serve", "predict"} <= set(commands)
     for name in commands:
