@@ -11,6 +11,7 @@ serve/auth.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
@@ -22,13 +23,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from serve.engine import Batcher, tune_switch_interval
+from export.contract import MANIFEST, sha256_of
+from serve.engine import tune_switch_interval
 from serve.errors import ApiError, BodyTooLarge, error_response
 from serve.inputs import harden_pillow
 from serve.limits import BudgetSpent, memory_bound
 from serve.middleware import Limits
-from serve.model import OnnxModel, discover
+from serve.oip import VERSION
 from serve.protocol import RETRY_AFTER_S
+from serve.repo import RepoWatcher, discover, open_model, start_batcher
 from serve.routes import docs, inference, models, operations
 from serve.settings import MB, Settings
 from serve.state import Served, ServeState, state_of
@@ -41,33 +44,45 @@ ROUTERS = (inference.router, models.router, operations.router, docs.router)  # m
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    """Open, warm up and start a batcher for every export; ready until shutdown, then stop them."""
+    """Open, warm up and start a batcher for every export; watch the model repository; ready until shutdown, then
+    stop them."""
     state: ServeState = app.state.serve
     settings = state.settings
     exports = discover(settings.export_dirs, settings.model_repo)
     threads, streams = settings.parallelism()
-    for export in exports:
-        model = await asyncio.to_thread(OnnxModel, export, threads)
-        if settings.warmup:
-            await asyncio.to_thread(model.warm_up, tuple(sorted({1, settings.max_batch})))
-        batcher = Batcher(model, settings.max_batch, settings.batch_timeout_ms / 1000, state.metrics,
-                          settings.max_queue_images, streams)
-        await batcher.start()
-        state.served[export.name] = Served(model, batcher)
-        log.info("serving %s from %s (%d inference streams x %d threads)", export.name, export.path, streams, threads)
+    for found, export in exports:
+        model = await asyncio.to_thread(open_model, export, settings)
+        manifest_sha256 = await asyncio.to_thread(sha256_of, found.path / MANIFEST)
+        state.put(found.name, Served(model, await start_batcher(model, settings, state.metrics), found.version,
+                                     manifest_sha256))
+        log.info("serving %s%s from %s (%d inference streams x %d threads)", found.name,
+                 "" if found.version == VERSION else f" version {found.version}", export.path, streams, threads)
     state.base_rss = resident_bytes()
     if state.base_rss:
         bound = memory_bound(settings, state.base_rss)
         log.info("worst-case memory of this process and its bulk process: %.0f MB (%s; docs/serve.md, Limits)",
                  bound["total"] / MB, ", ".join(f"{k} {v / MB:.0f}" for k, v in bound.items() if k != "total"))
+    watcher = watch = None
+    if settings.model_repo and settings.repo_poll_s > 0:
+        static = {found.name for found, _ in exports[:len(settings.export_dirs)]}
+        known = {(found.name, found.version): found.fingerprint for found, _ in exports[len(settings.export_dirs):]}
+        watcher = RepoWatcher(state, Path(settings.model_repo), known, static)
+        watch = asyncio.create_task(watcher.run(), name="model-repo-watcher")
     state.ready = True
     try:
         yield
     finally:
         state.ready = False
-        for entry in state.served.values():
-            await entry.batcher.stop()
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+            await watcher.close()
+        for versions in state.versions.values():
+            for entry in versions.values():
+                await entry.batcher.stop()
         state.served.clear()
+        state.versions.clear()
         state.decode_pool.shutdown(wait=False, cancel_futures=True)
         state.bulk.stop()
 

@@ -119,9 +119,10 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     """
     import uvicorn
 
-    from serve.model import SERVED_FORMAT, discover
+    from serve.model import SERVED_FORMAT
+    from serve.repo import discover
 
-    exports = discover(settings.export_dirs, settings.model_repo)
+    exports = [export for _, export in discover(settings.export_dirs, settings.model_repo)]
     for export in exports:
         export.check_sha256(SERVED_FORMAT)
     sock = bind_socket(settings.host, settings.port)
@@ -134,7 +135,7 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     if settings.api_key is None and not is_loopback(sock):
         print(f"serve: warning: {settings.host} is reachable from other machines and no --api-key is set: anyone "
               f"who can reach port {port} can use the API", file=sys.stderr, flush=True)
-    print(f"serving {', '.join(e.name for e in exports)} on http://{settings.host}:{port} "
+    print(f"serving {', '.join(dict.fromkeys(e.name for e in exports))} on http://{settings.host}:{port} "
           f"(docs at /docs, metrics at /metrics)", file=sys.stderr, flush=True)
     common = uvicorn_options(settings, log_level)
     try:

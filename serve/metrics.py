@@ -11,7 +11,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    """Requests and latency by route and status, batch sizes, queue depth and inference latency by model."""
+    """Requests and latency by route and status, batch sizes, queue depth and inference latency by model; the
+    versions served and the model repository's reloads (serve/repo.py)."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -29,6 +30,14 @@ class Metrics:
                                  multiprocess_mode="livesum", registry=r)
         self.inference = Histogram("serve_inference_duration_seconds", "ONNX Runtime time per batch", ["model"],
                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.model_info = Gauge("serve_model_info", "1 for each model version served, labelled with the sha256 of "
+                                "its manifest.json", ["model", "version", "manifest_sha256"],
+                                multiprocess_mode="max", registry=r)
+        self.reloads = Counter("serve_model_reloads", "exports of the model repository loaded while serving (added "
+                               "or replaced)", ["model"], registry=r)
+        self.reload_failures = Counter("serve_model_reload_failures", "exports of the model repository that failed "
+                                       "to load while serving (the previous one kept serving)", ["model"],
+                                       registry=r)
         self._request_children: dict[tuple[str, str, int], tuple] = {}
         self.rejected = Counter("serve_rejected", "requests refused before inference, by reason", ["reason"],
                                 registry=r)

@@ -1,38 +1,20 @@
 """The served model: an export directory (export.contract.ExportDir) with its ONNX Runtime session, opened by the
-shared loader (export.runtimes) and tuned for serving, plus warm-up, metadata and model-repository discovery."""
+shared loader (export.runtimes) and tuned for serving, plus warm-up and metadata (what is served, from where:
+serve/repo.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from export.contract import MANIFEST, ExportDir
+from export.contract import ExportDir
 from export.formats import load_format
 from export.runtimes import Predictor
 from transfer.errors import UserError
 
 SERVED_FORMAT = "onnx"
-
-
-def discover(export_dirs: tuple[str, ...], model_repo: str | None) -> list[ExportDir]:
-    """The exports to serve: the given directories plus every export directory directly under ``model_repo``."""
-    exports = [ExportDir.open(p) for p in export_dirs]
-    if model_repo:
-        repo = Path(model_repo)
-        if not repo.is_dir():
-            raise UserError(f"--model-repo {repo} is not a directory")
-        found = [ExportDir.open(p) for p in sorted(repo.iterdir()) if p.is_dir() and (p / MANIFEST).is_file()]
-        if not found:
-            raise UserError(f"--model-repo {repo} holds no export directories (folders with {MANIFEST})")
-        exports += found
-    names = [e.name for e in exports]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise UserError(f"two exports share the name {', '.join(duplicates)}; serve them from different folder names")
-    return exports
 
 
 def session_options(threads: int):

@@ -3,7 +3,8 @@ inference requests and responses, JSON and the binary tensor data extension, eve
 are in serve/routes/ (infer in inference.py, metadata in models.py, health in operations.py); docs/serve.md has the
 protocol as this server speaks it.
 
-A model has one version, ``1`` (an export directory is one model), and two inputs, one of which a request sends:
+A model has one version, ``1`` (an export directory is one model), or those of its numbered version folders in a
+model repository (serve/repo.py), and two inputs, one of which a request sends:
 ``image``, FP32 pixels ``[N, H, W, 3]`` 0..255 at the model's input size (what ``:predict`` takes), and
 ``image_bytes``, BYTES ``[N]`` (or ``[N, 1]``) of encoded images, decoded and checked exactly like ``:classify``'s.
 Its one output, ``probabilities`` (FP32 ``[N, classes]``), comes back as Triton's top-k ``"score:index:label"``
@@ -30,7 +31,7 @@ import numpy as np
 from serve.errors import ApiError
 from serve.jsonparse import _check_arrays, _check_count, _pixels, parse_json
 
-VERSION = "1"  # an export directory is one model version
+VERSION = "1"  # the version of an export directory served on its own
 PLATFORM = "onnxruntime_onnx"
 OUTPUT = "probabilities"
 BYTES_SUFFIX = "_bytes"  # the encoded-images input is the pixel input's name plus this
@@ -45,9 +46,11 @@ def model_inputs(input_name: str, shape: tuple[int, int, int]) -> list[dict]:
             {"name": input_name + BYTES_SUFFIX, "datatype": "BYTES", "shape": [-1]}]
 
 
-def model_metadata(name: str, input_name: str, shape: tuple[int, int, int], classes: int) -> dict:
+def model_metadata(name: str, input_name: str, shape: tuple[int, int, int], classes: int,
+                   versions: list[str] | None = None) -> dict:
     """``GET /v2/models/{name}``: name, versions, platform, inputs and outputs."""
-    return {"name": name, "versions": [VERSION], "platform": PLATFORM, "inputs": model_inputs(input_name, shape),
+    return {"name": name, "versions": versions or [VERSION], "platform": PLATFORM,
+            "inputs": model_inputs(input_name, shape),
             "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, classes]}]}
 
 
@@ -260,8 +263,8 @@ def _classification(probabilities: np.ndarray, k: int, classes: tuple[str, ...])
                      for row_s, row_j in zip(scores.tolist(), order.tolist(), strict=True)], dtype=object)
 
 
-def encode_response(request: InferRequest, model: str, probabilities: np.ndarray, classes: tuple[str, ...]
-                    ) -> tuple[bytes, int | None]:
+def encode_response(request: InferRequest, model: str, probabilities: np.ndarray, classes: tuple[str, ...],
+                    version: str = VERSION) -> tuple[bytes, int | None]:
     """The response body and, when some output is binary, the length of its JSON header."""
     outputs, binary = [], []
     for out in request.outputs:
@@ -282,7 +285,7 @@ def encode_response(request: InferRequest, model: str, probabilities: np.ndarray
             tensor["parameters"] = {"binary_data_size": len(data)}
             binary.append(data)
         outputs.append(tensor)
-    answer = {"model_name": model, "model_version": VERSION, "outputs": outputs}
+    answer = {"model_name": model, "model_version": version, "outputs": outputs}
     if request.id is not None:
         answer["id"] = request.id
     header = json.dumps(answer, separators=(",", ":")).encode()

@@ -36,8 +36,11 @@ class Settings:
     """What to serve and how; invalid values raise UserError on construction."""
 
     export_dirs: tuple[str, ...] = option((), "export directories, each served under its folder name", cli=False)
-    model_repo: str | None = option(None, "serve every export directory under DIR, each by folder name",
+    model_repo: str | None = option(None, "serve every export directory under DIR (or its numbered version folders "
+                                    "NAME/1, NAME/2, ...), each by folder name; watched, see --repo-poll-s",
                                     metavar="DIR", default_text="none")
+    repo_poll_s: float = option(2.0, "seconds between looks at --model-repo for exports added, replaced or removed, "
+                                "applied without a restart (0: read once at start)", metavar="S", minimum=0)
     host: str = option("127.0.0.1", "interface to bind (127.0.0.1: loopback only)")
     port: int = option(8080, "TCP port")
     workers: int = option(1, "server processes (each loads every model)")
@@ -86,6 +89,8 @@ class Settings:
                            ("keep_alive_s", "keep-alive")):
             if not getattr(self, name) > 0:  # NaN too
                 raise UserError(f"{flag}={getattr(self, name)} must be > 0")
+        if not 0 <= self.repo_poll_s < math.inf:  # NaN too
+            raise UserError(f"repo-poll-s={self.repo_poll_s} must be a number of seconds >= 0")
         if self.max_header_bytes < 1024:
             raise UserError(f"max-header-bytes={self.max_header_bytes} must be >= 1024")
         if not 0 <= self.port <= 65535:

@@ -1,11 +1,13 @@
-"""Inference routes: ``POST /v1/models/{name}:classify`` (images in, top-k labels out), ``:predict`` (TF-Serving
-JSON on decoded pixels) and ``POST /v2/models/{name}[/versions/{version}]/infer`` (the Open Inference Protocol,
-serve/oip.py: pixels like :predict, or encoded images decoded through :classify's path). Each reads the body,
-decodes and queues the images on the model's Batcher within the request timeout. Images are checked on their
-headers first, then decoded one at a time into a batch the request holds against the server's buffer budget: small
-ones on the event loop, larger ones on the decode threads and the largest in the bulk process (serve/bulk.py), within
-the decode budget (serve/limits.py); a request that times out or whose client has gone stops decoding. Large
-JSON bodies are parsed in the bulk process too.
+"""Inference routes: ``POST /v1/models/{name}[/versions/{version}]:classify`` (images in, top-k labels out),
+``:predict`` (TF-Serving JSON on decoded pixels) and ``POST /v2/models/{name}[/versions/{version}]/infer`` (the
+Open Inference Protocol, serve/oip.py: pixels like :predict, or encoded images decoded through :classify's path).
+Each reads the body, decodes and queues the images on the model's Batcher within the request timeout. Images are
+checked on their headers first, then decoded one at a time into a batch the request holds against the server's buffer
+budget: small ones on the event loop, larger ones on the decode threads and the largest in the bulk process
+(serve/bulk.py), within the decode budget (serve/limits.py); a request that times out or whose client has gone stops
+decoding. Large JSON bodies are parsed in the bulk process too. Each holds its model version (``Served.hold``)
+while it runs, so a reload of the model repository that replaces or removes it lets the request finish on it
+(serve/repo.py).
 
 This router has no router-level auth dependency, so that :classify can await ``authorize`` itself (see there): a new
 route here declares ``dependencies=[Depends(authorize)]`` as :predict does.
@@ -177,6 +179,7 @@ async def _classify_images(request: Request, state: ServeState, entry: Served, b
 # So it awaits the auth check itself instead of declaring Depends(authorize), and documents its parameters in
 # openapi_extra.
 @router.post("/v1/models/{name}:classify", openapi_extra=_CLASSIFY_OPENAPI)
+@router.post("/v1/models/{name}/versions/{version}:classify", openapi_extra=_CLASSIFY_OPENAPI)
 async def classify(request: Request) -> JSONResponse:
     """Top-k labels and scores for one or many images (raw bytes, multipart files, or JSON base64)."""
     await authorize(request)
@@ -184,7 +187,7 @@ async def classify(request: Request) -> JSONResponse:
     settings = state.settings
     top_k = _top_k(request.query_params.get("top_k"))
     name = request.path_params["name"]
-    entry = state.lookup(name)
+    entry = state.lookup_version(name, request.path_params.get("version"))
     stage = ["reading"]
 
     async def work():
@@ -192,7 +195,8 @@ async def classify(request: Request) -> JSONResponse:
         blobs = await _read_images(request, state, check)
         return await _classify_images(request, state, entry, blobs, check, stage)
 
-    probabilities = await _bounded(work(), stage, settings.request_timeout_s)
+    with entry.hold():  # a reload that replaces or removes the model lets this request finish on it
+        probabilities = await _bounded(work(), stage, settings.request_timeout_s)
     classes = entry.model.export.classes
     k = min(top_k or settings.default_top_k, len(classes))
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
@@ -204,11 +208,13 @@ async def classify(request: Request) -> JSONResponse:
 
 
 @router.post("/v1/models/{name}:predict", dependencies=[Depends(authorize)], openapi_extra=_PREDICT_BODY)
+@router.post("/v1/models/{name}/versions/{version}:predict", dependencies=[Depends(authorize)],
+             openapi_extra=_PREDICT_BODY)
 async def predict(name: str, request: Request):
     """TensorFlow-Serving-style predict on decoded pixels; rows answer "predictions", columns "outputs"."""
     state = state_of(request)
     settings = state.settings
-    entry = state.lookup(name)
+    entry = state.lookup_version(name, request.path_params.get("version"))
     stage = ["reading"]
     export = entry.model.export
     input_name = entry.model.api_input
@@ -222,7 +228,8 @@ async def predict(name: str, request: Request):
         stage[0] = "inference"
         return await _run(state, entry, None, batch), columnar
 
-    probabilities, columnar = await _bounded(work(), stage, settings.request_timeout_s)
+    with entry.hold():
+        probabilities, columnar = await _bounded(work(), stage, settings.request_timeout_s)
     return {"outputs" if columnar else "predictions": probabilities.tolist()}
 
 
@@ -277,8 +284,9 @@ async def infer_v2(name: str, request: Request):
             check.add(i, blob)
         return parsed, await _classify_images(request, state, entry, parsed.blobs, check, stage)
 
-    parsed, probabilities = await _bounded(work(), stage, settings.request_timeout_s)
-    content, header_size = encode_response(parsed, name, probabilities, model.export.classes)
+    with entry.hold():
+        parsed, probabilities = await _bounded(work(), stage, settings.request_timeout_s)
+    content, header_size = encode_response(parsed, name, probabilities, model.export.classes, entry.version)
     if header_size is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_size)})

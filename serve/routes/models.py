@@ -1,5 +1,6 @@
-"""Model routes: ``GET /v1/models`` (every served model), ``/v1/models/{name}`` (TF-Serving-style status that is also
-KServe's V1 readiness: ``name`` and ``ready``, 503 while not ready) and ``/v1/models/{name}/metadata``; the Open
+"""Model routes: ``GET /v1/models`` (every served model), ``/v1/models/{name}[/versions/{version}]`` (TF-Serving-style
+status that is also KServe's V1 readiness: ``name`` and ``ready``, 503 while not ready) and
+``/v1/models/{name}[/versions/{version}]/metadata``; the Open
 Inference Protocol's metadata: ``GET /v2`` (server), ``/v2/models/{name}[/versions/{version}]`` (model) and
 ``.../ready`` (serve/oip.py). Every route of this router requires the API key (router-level dependency); the v2
 health probes are open, in operations.py."""
@@ -42,20 +43,30 @@ async def list_models(request: Request):
 
 
 @router.get("/v1/models/{name}")
+@router.get("/v1/models/{name}/versions/{version}")
 async def model_status(name: str, request: Request):
-    """TensorFlow-Serving-style model status, with KServe V1's ``name`` and ``ready`` (503 while not ready)."""
+    """TensorFlow-Serving-style model status (every version served, or the one asked for), with KServe V1's
+    ``name`` and ``ready`` (503 while not ready)."""
     state = state_of(request)
-    ready = _ready(state, name)
-    status = ({"version": VERSION, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}} if ready
-              else {"version": VERSION, "state": "UNLOADING" if name in state.served else "LOADING",
-                    "status": {"error_code": "UNAVAILABLE", "error_message": NOT_READY}})
-    return _readiness({"name": name, "ready": ready, "model_version_status": [status]}, ready)
+    version = request.path_params.get("version")
+    ready = _ready(state, name, version)
+    if version is not None and name in state.served:
+        versions = [state.lookup_version(name, version).version]
+    else:
+        versions = state.version_list(name) or [version or VERSION]
+    status = ([{"version": v, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+               for v in versions] if ready
+              else [{"version": v, "state": "UNLOADING" if name in state.served else "LOADING",
+                     "status": {"error_code": "UNAVAILABLE", "error_message": NOT_READY}} for v in versions])
+    return _readiness({"name": name, "ready": ready, "model_version_status": status}, ready)
 
 
 @router.get("/v1/models/{name}/metadata")
+@router.get("/v1/models/{name}/versions/{version}/metadata")
 async def model_metadata_v1(name: str, request: Request):
     """Classes, input shape and dtype, preprocessing, model sha256, source run and export time."""
-    return state_of(request).lookup(name).model.metadata()
+    entry = state_of(request).lookup_version(name, request.path_params.get("version"))
+    return {**entry.model.metadata(), "version": entry.version}
 
 
 @router.get("/v2")
@@ -68,8 +79,10 @@ async def server_metadata_v2(request: Request):
 @router.get("/v2/models/{name}/versions/{version}")
 async def model_metadata_v2(name: str, request: Request):
     """Open Inference Protocol model metadata: versions, platform, inputs and outputs with datatypes and shapes."""
-    model = state_of(request).lookup_version(name, request.path_params.get("version")).model
-    return model_metadata(name, model.api_input, model.export.input_shape, len(model.export.classes))
+    state = state_of(request)
+    model = state.lookup_version(name, request.path_params.get("version")).model
+    return model_metadata(name, model.api_input, model.export.input_shape, len(model.export.classes),
+                          state.version_list(name))
 
 
 @router.get("/v2/models/{name}/ready")

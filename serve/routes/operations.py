@@ -21,11 +21,12 @@ async def healthz():
 
 @router.get("/readyz")
 async def readyz(request: Request):
-    """Readiness: every model is loaded and warmed up."""
+    """Readiness: every model is loaded and warmed up; per model its versions, manifest sha256 and, where a newer
+    export in the model repository failed to load, ``reload_error`` (the previous one still serves)."""
     state = state_of(request)
     if not state.ready:
         return error_response(503, "not_ready", NOT_READY)
-    return {"status": "ready", "models": sorted(state.served)}
+    return {"status": "ready", "models": sorted(state.served), "detail": state.detail()}
 
 
 @router.get("/v2/health/live")
