@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.card import write_card
 from export.contract import BENCH, FAILED_EXPORT, FILE_KEY, SIZE_KEY, STATUS_KEY, ExportDir
 from export.formats import FORMATS
 from transfer import rundir
@@ -82,6 +83,7 @@ def bench(export_dir: Path, settings: BenchConfig | None = None) -> dict:
     report = {"export_dir": str(export.path.resolve()), "threads": threads, "tf_intra_op_threads": tf_threads,
               "input_shape": shape, "formats": results}
     rundir.write_json(export.path / BENCH, report)
+    write_card(export.path)  # MODEL_CARD.md again, now with the latency table
     return report
 
 

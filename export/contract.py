@@ -7,6 +7,8 @@ about its layout lives here (no TensorFlow, no NumPy)::
     labels.txt       one class name per line, line i = output index i (LABELS)
     verify.json      parity reports per format (VERIFY)
     bench.json       latency and throughput per format (BENCH)
+    evaluation.json  the source run's test evaluation, copied (per-class metrics, confusion matrix) (EVALUATION)
+    MODEL_CARD.md    the model card, generated from the files above (CARD; export.card), re-rendered by bench
     <format files>   one per row of the format table (export.formats), named by the entry's "file"
 """
 
@@ -25,6 +27,8 @@ MANIFEST = "manifest.json"
 LABELS = "labels.txt"
 VERIFY = "verify.json"
 BENCH = "bench.json"
+EVALUATION = "evaluation.json"
+CARD = "MODEL_CARD.md"
 
 # manifest.json: the export section and its keys
 SECTION = "export"
@@ -33,6 +37,7 @@ EXPORTED_AT = "exported_at"  # ISO 8601 UTC time of the export
 LABELS_KEY = "labels"
 VERIFICATION_KEY = "verification"
 VERSIONS_KEY = "versions"
+CLASS_COUNTS_KEY = "class_counts"  # split -> class -> images, when the export read the run's dataset
 FORMATS_KEY = "formats"  # format name -> entry
 # keys of one format entry
 FILE_KEY = "file"

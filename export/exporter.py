@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from export import contract
+from export.card import write_card
 from export.contract import (
+    CLASS_COUNTS_KEY,
+    EVALUATION,
     EXPORTED,
     EXPORTED_AT,
     FAILED_EXPORT,
@@ -326,9 +329,21 @@ def _export_into(stage: Path, out: Path, cfg: ExportConfig, run_dir: Path, sourc
         new_reports = _verify_all(model, predictors, verify_set, entries)
     if cfg.verify or reports:
         _write_reports(stage, run_dir.resolve(), {**reports, **new_reports}, verify_set)
-    manifest = _manifest(source, run_dir, entries, cfg.verify)
-    rundir.write_json(stage / MANIFEST, manifest)  # written last: a staging directory with it is complete
+    if (run_dir / rundir.EVALUATION).is_file():  # the run's per-class test metrics travel with the export (the card)
+        rundir.write_text(stage / EVALUATION, (run_dir / rundir.EVALUATION).read_text(encoding="utf-8"))
+    counts = _class_counts(dataset, classes) if dataset is not None else (
+        (previous or {}).get(SECTION, {}).get(CLASS_COUNTS_KEY))
+    manifest = _manifest(source, run_dir, entries, cfg.verify, counts)
+    rundir.write_json(stage / MANIFEST, manifest)  # a staging directory with it is complete
+    write_card(stage, name=out.name)  # MODEL_CARD.md, from the files above
     return manifest, new_reports
+
+
+def _class_counts(dataset, classes: list[str]) -> dict[str, dict[str, int]]:
+    """Split -> class -> images of the run's dataset (what the model card's data section shows)."""
+    return {split: dict(zip(classes, np.bincount(np.asarray(getattr(dataset, split).y, np.int64),
+                                                 minlength=len(classes)).tolist(), strict=False))
+            for split in ("train", "val", "test")}
 
 
 def _export_one(row: Format, ctx: ExportContext, stage: Path, options: ExportOptions, classes: list[str]):
@@ -389,7 +404,7 @@ def _verify_all(model, predictors: dict, verify_set, entries: dict) -> dict:
     return reports
 
 
-def _manifest(source: dict, run_dir: Path, formats: dict, verified: bool) -> dict:
+def _manifest(source: dict, run_dir: Path, formats: dict, verified: bool, class_counts: dict | None = None) -> dict:
     from importlib import metadata
 
     from transfer.runner import library_versions
@@ -409,6 +424,7 @@ def _manifest(source: dict, run_dir: Path, formats: dict, verified: bool) -> dic
             VERIFICATION_KEY: VERIFY if verified else "skipped (--no-verify)",
             FORMATS_KEY: formats,
             VERSIONS_KEY: versions,
+            **({CLASS_COUNTS_KEY: class_counts} if class_counts else {}),
         },
     }
 
@@ -473,4 +489,5 @@ def reverify(export_dir: Path, samples: int | None = None, *, trust_hub: bool = 
             reports[name][STATUS_KEY] = FAILED_VERIFICATION
     _write_reports(export.path, run_dir, reports, verify_set)
     rundir.write_json(export.path / MANIFEST, manifest)
+    write_card(export.path)  # the card's verification table follows the new reports
     return ExportResult(export.path, manifest, reports)

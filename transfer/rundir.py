@@ -48,13 +48,18 @@ def file_mode() -> int:
 
 def write_json(path: str | os.PathLike, data) -> None:
     """Write JSON atomically: a temporary file in the same directory, then a rename."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text atomically (a temporary file in the same directory, then a rename), readable by others as
+    the umask says."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True, default=str)
-            handle.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
         os.chmod(tmp, file_mode())  # mkstemp makes 0600; others (a container's non-root user) must read what we write
         os.replace(tmp, path)
     except BaseException:

@@ -313,7 +313,8 @@ def test_exports_of_two_runs_never_mix(tiny_run, tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["export"]["source_run"] == str(run_b.resolve())
     assert list(manifest["export"]["formats"]) == ["tflite"]
-    assert sorted(p.name for p in out.iterdir()) == ["labels.txt", "manifest.json", "model.tflite", "verify.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "evaluation.json", "labels.txt", "manifest.json",
+                                                     "model.tflite", "verify.json"]
     assert list(json.loads((out / "verify.json").read_text())["formats"]) == ["tflite"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "x"]
 
