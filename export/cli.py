@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from export.contract import BENCH, FAILED_EXPORT, FAILED_VERIFICATION, MANIFEST, SECTION, SOURCE_RUN, STATUS_KEY, VERIFY
-from export.formats import FAMILIES, FORMATS, QUANTIZE_CHOICES, ExportOptions, VerifyOptions
+from export.formats import FAMILIES, FORMATS, ExportOptions, VerifyOptions, quantize_variants
 from transfer.config import BenchConfig
 from transfer.options import add_config_args, build, cli_fields, flag_of, given
 
@@ -17,8 +17,8 @@ def register(subparsers) -> None:
     p.add_argument("run_dir")
     names = ", ".join(list(FAMILIES) + [n for n in FORMATS if n not in FAMILIES])
     p.add_argument("--formats", help=f"comma-separated, from: {names} (default: all)")
-    p.add_argument("--quantize", help=f"tflite variants besides float32: {','.join(QUANTIZE_CHOICES)} "
-                   "(default: all when --formats is not given)")
+    p.add_argument("--quantize", help=f"quantized variants of the chosen families besides float32: "
+                   f"{quantize_variants()} (default: all when --formats is not given)")
     p.add_argument("--out", help="export directory (default: <artifacts>/exports/<run name>)")
     add_config_args(p, ExportOptions, unset=True)  # unset: a format option given for no chosen format is refused
     p.add_argument("--no-verify", action="store_true", help="skip parity verification")

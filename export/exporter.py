@@ -279,6 +279,10 @@ def run_export(cfg: ExportConfig) -> ExportResult:
         VerifyOptions(cfg.verify_samples)  # refused (one line) before anything is loaded
     if cfg.options.opset is not None and not 7 <= cfg.options.opset <= 18:
         raise UserError(f"--opset {cfg.options.opset} is outside what tf2onnx supports (7..18)")
+    for row in rows:
+        if cfg.options.opset is not None and row.min_opset and cfg.options.opset < row.min_opset:
+            raise UserError(f"--opset {cfg.options.opset} is too old for {row.name}, which needs {row.min_opset} or "
+                            f"later; pass --opset {row.min_opset} or drop {row.name} from --formats")
     out = Path(cfg.out) if cfg.out else default_out(run_dir, source["name"])
     clean_stale(out)
     previous = _previous_export(out, run_dir, source, cfg.overwrite)

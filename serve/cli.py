@@ -119,12 +119,12 @@ def run_server(settings: Settings, log_level: str = "info") -> None:
     """
     import uvicorn
 
-    from serve.model import SERVED_FORMAT
+    from serve.model import check_servable
     from serve.repo import discover
 
     exports = [export for _, export in discover(settings.export_dirs, settings.model_repo)]
     for export in exports:
-        export.check_sha256(SERVED_FORMAT)
+        check_servable(export, settings.precision)
     sock = bind_socket(settings.host, settings.port)
     from serve.engine import tune_switch_interval
     from serve.limits import tune_malloc

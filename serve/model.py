@@ -9,12 +9,36 @@ from typing import Any
 
 import numpy as np
 
-from export.contract import ExportDir
-from export.formats import load_format
+from export.contract import FAILED_EXPORT, FAILED_VERIFICATION, STATUS_KEY, VERIFIED, ExportDir
+from export.formats import FORMATS, load_format
 from export.runtimes import Predictor
 from transfer.errors import UserError
 
-SERVED_FORMAT = "onnx"
+SERVED_FORMAT = "onnx"  # the family served: its float row at --precision fp32, its quantized variant otherwise
+
+
+def served_format(precision: str = "fp32") -> str:
+    """The format-table row served at ``precision`` (serve.settings.PRECISIONS): the onnx family's float row for
+    fp32, else its variant whose ``quantize`` is ``precision`` (int8: onnx_int8)."""
+    wanted = None if precision == "fp32" else precision
+    rows = [r.name for r in FORMATS.values() if r.family == SERVED_FORMAT and r.quantize == wanted]
+    if not rows:
+        raise UserError(f"--precision {precision} has no {SERVED_FORMAT} format to serve")
+    return rows[0]
+
+
+def check_servable(export: ExportDir, precision: str = "fp32") -> str:
+    """The sha256 of the artifact ``export`` serves at ``precision`` (one-line UserError when it cannot be served).
+    A quantized artifact is served only when its export verified it against the Keras model."""
+    fmt = served_format(precision)
+    if precision != "fp32" and export.entry(fmt).get(STATUS_KEY) != VERIFIED:
+        status = export.entry(fmt).get(STATUS_KEY)
+        why = {None: "it has none", FAILED_EXPORT: "it failed to export", FAILED_VERIFICATION: "it failed "
+               "verification"}.get(status, "it was not verified")
+        raise UserError(f"--precision {precision}: export {export.name} has no verified {fmt} model ({why}); export "
+                        f"it with `transfer export RUN_DIR --formats {fmt}` (RUN_DIR: its run, "
+                        f"{export.source_run_name or 'recorded in its manifest'}) or serve --precision fp32")
+    return export.check_sha256(fmt)
 
 
 def session_options(threads: int):
@@ -38,16 +62,19 @@ class OnnxModel:
 
     export: ExportDir
     threads: int = 0
+    precision: str = "fp32"  # which onnx artifact is served (served_format): model.onnx or its int8 variant
+    format: str = field(init=False)  # the format-table row served
     sha256: str = field(init=False)
     predictor: Predictor = field(init=False, repr=False)  # the shared loader's, with serving session options
     session: Any = field(init=False, repr=False)  # its ONNX Runtime session (thread-safe: the streams share it)
     input_name: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.sha256 = self.export.check_sha256(SERVED_FORMAT)
-        self.predictor = load_format(self.export, SERVED_FORMAT, options=session_options(self.threads))
+        self.format = served_format(self.precision)
+        self.sha256 = check_servable(self.export, self.precision)
+        self.predictor = load_format(self.export, self.format, options=session_options(self.threads))
         self.session = self.predictor.session
-        path = self.export.path_of(SERVED_FORMAT)
+        path = self.export.path_of(self.format)
         inputs, outputs = self.predictor.inputs, self.predictor.outputs
         if len(inputs) != 1 or len(outputs) < 1:
             raise UserError(f"{path} must have one input and an output, has {len(inputs)} and {len(outputs)}")
@@ -95,8 +122,8 @@ class OnnxModel:
                 "exif_orientation": True, "first_frame_only": True, "alpha": "composited on white",
                 "scaling": "none: the model takes raw 0..255 pixels and normalises inside the graph",
             },
-            "model": {"format": SERVED_FORMAT, "sha256": self.sha256,
-                      "opset": self.export.entry(SERVED_FORMAT).get("opset"),
+            "model": {"format": self.format, "sha256": self.sha256,
+                      "opset": self.export.entry(self.format).get("opset"),
                       "architecture": m.get("model", {}).get("backbone") or m.get("model", {}).get("baseline")},
             "source_run": self.export.source_run_name,  # the run's name: its absolute path stays on the server
             "exported_at": self.export.exported_at,

@@ -129,7 +129,7 @@ def discover(export_dirs: tuple[str, ...], model_repo: str | None) -> list[tuple
 def open_model(export: ExportDir, settings: Settings) -> OnnxModel:
     """``export``'s ONNX model opened for serving (sha256 checked) and warmed up; blocking, for a thread."""
     threads, _ = settings.parallelism()
-    model = OnnxModel(export, threads)
+    model = OnnxModel(export, threads, settings.precision)
     if settings.warmup:
         model.warm_up(tuple(sorted({1, settings.max_batch})))
     return model
@@ -150,7 +150,7 @@ def _prepare(item: Found, current: Served | None, settings: Settings) -> tuple[O
     manifest_sha256 = sha256_of(item.path / MANIFEST)
     export = ExportDir.open(item.path, item.name)
     if (current is not None and current.manifest_sha256 == manifest_sha256
-            and export.check_sha256(SERVED_FORMAT) == current.model.sha256):
+            and export.check_sha256(current.model.format) == current.model.sha256):
         return None
     return open_model(export, settings), manifest_sha256
 

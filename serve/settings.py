@@ -13,6 +13,7 @@ from transfer.config import option
 from transfer.errors import UserError
 
 MB = 2**20
+PRECISIONS = ("fp32", "int8")  # --precision: which ONNX artifact of each export is served (serve.model.served_format)
 ENV_VAR = "TRANSFER_SERVE_SETTINGS"  # how `--workers N` hands the settings to each worker process
 
 
@@ -41,6 +42,8 @@ class Settings:
                                     metavar="DIR", default_text="none")
     repo_poll_s: float = option(2.0, "seconds between looks at --model-repo for exports added, replaced or removed, "
                                 "applied without a restart (0: read once at start)", metavar="S", minimum=0)
+    precision: str = option("fp32", "serve each export's float ONNX model (fp32) or its verified int8 one (int8: "
+                            "onnx_int8, made by `transfer export RUN_DIR --formats onnx_int8`)", choices=PRECISIONS)
     host: str = option("127.0.0.1", "interface to bind (127.0.0.1: loopback only)")
     port: int = option(8080, "TCP port")
     workers: int = option(1, "server processes (each loads every model)")
@@ -91,6 +94,8 @@ class Settings:
                 raise UserError(f"{flag}={getattr(self, name)} must be > 0")
         if not 0 <= self.repo_poll_s < math.inf:  # NaN too
             raise UserError(f"repo-poll-s={self.repo_poll_s} must be a number of seconds >= 0")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown --precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.max_header_bytes < 1024:
             raise UserError(f"max-header-bytes={self.max_header_bytes} must be >= 1024")
         if not 0 <= self.port <= 65535:

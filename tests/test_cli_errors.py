@@ -21,6 +21,10 @@ CASES = [
     # finetune: model
     (["finetune", "--backbone", "mobilenet2"], "did you mean 'mobilenetv2'"),
     (["finetune", "--backbone", "hub:"], "empty hub handle"),
+    (["finetune", "--backbone", "keras_hub:"], "empty keras-hub preset"),
+    (["finetune", "--backbone", "keras_hub:/no/such/preset"], "preset directory '/no/such/preset' does not exist"),
+    (["finetune", "--backbone", "keras_hub:{empty_dir}"], "'{empty_dir}' is not a keras-hub preset directory"),
+    (["finetune", "--backbone", "keras_hub:no_such_preset"], "keras-hub preset 'no_such_preset' cannot be fetched"),
     (["finetune", "--weights", "/no/such/weights.h5"], "/no/such/weights.h5"),
     (["finetune", "--image-size", "0"], "--image-size 0"),
     (["finetune", "--image-size", "100000"], "--image-size 100000"),
@@ -93,7 +97,7 @@ CASES = [
     (["export", "/no/such/run"], "/no/such/run"),
     (["export", "{run}", "--formats", "onnx,pdf"], "'pdf'"),
     (["export", "{run}", "--quantize", "int4"], "'int4'"),
-    (["export", "{run}", "--formats", "onnx", "--quantize", "int8"], "--quantize int8"),
+    (["export", "{run}", "--formats", "savedmodel", "--quantize", "int8"], "--quantize int8"),
     (["export", "{run}", "--opset", "3"], "--opset 3"),
     (["export", "{run}", "--quantize", "int8", "--calibration-samples", "0"], "--calibration-samples 0"),
     (["export", "{run}", "--formats", "onnx", "--int8-io"], "--int8-io"),
@@ -127,6 +131,8 @@ CASES = [
     (["serve", "{export}", "--workers", "0"], "workers=0"),
     (["serve", "{export}", "--api-key", " "], "--api-key is empty"),
     (["serve", "{run}"], "not an export directory"),
+    (["serve", "{export}", "--precision", "int8"], "`transfer export RUN_DIR --formats onnx_int8`"),
+    (["serve", "{export}", "--precision", "fp16"], "'fp16'"),
     # compare / pipeline
     (["compare"], "has no cells"),
     (["compare", "--baselines", "vgg1", "--seeds", "0"], "--seeds 0"),

@@ -264,7 +264,7 @@ class ExportStepConfig:
     """The pipeline's export step: which formats every winner is exported to."""
 
     formats: str | list[str] = option("all", "export formats of every winner (families or format names)")
-    quantize: str | list[str] | None = option(None, "tflite variants (fp16, dynamic, int8, or all)",
+    quantize: str | list[str] | None = option(None, "quantized variants (tflite: fp16, dynamic, int8; onnx: int8; all)",
                                               default_text="all when formats is all")
     calibration_samples: int | None = option(None, "int8: training images for calibration",
                                              default_text="the exporter's")

@@ -132,6 +132,61 @@ def test_a_bare_onnxruntime_user_gets_labels_input_facts_and_a_named_output(tiny
     assert manifest["export"]["formats"]["onnx"]["labels"]["metadata_props"] == sorted(meta)
 
 
+def test_onnx_int8_is_a_static_qdq_quantization_of_model_onnx(tiny_export, held_out_split):
+    """onnx_int8: QuantizeLinear/DequantizeLinear around int8 weights (smaller than float), calibrated on the same
+    training images as tflite_int8, and what a bare ONNX Runtime user needs kept through quantization."""
+    import onnx
+    import onnxruntime
+
+    out, manifest = tiny_export
+    entries = manifest["export"]["formats"]
+    entry = entries["onnx_int8"]
+    model = onnx.load(str(out / "model_int8.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    assert entry["quantization"]["nodes"] == {"QuantizeLinear": ops.count("QuantizeLinear"),
+                                              "DequantizeLinear": ops.count("DequantizeLinear")}
+    int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert sum(np.prod(i.dims) for i in int8) > 100_000  # the conv and dense weights, per channel
+    assert entry["size_bytes"] < entries["onnx"]["size_bytes"] / 2
+    assert entry["calibration_samples"] == entries["tflite_int8"]["calibration_samples"] == 64
+    assert entry["opset"] == entries["onnx"]["opset"] == 15
+    session = onnxruntime.InferenceSession(str(out / "model_int8.onnx"), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["labels"]) == manifest["classes"] and json.loads(meta["input_shape"])[1:] == [32, 32, 3]
+    assert [o.name for o in session.get_outputs()] == [meta["output_name"]] == ["probabilities"]
+    assert entry["labels"]["metadata_props"] == entries["onnx"]["labels"]["metadata_props"]
+    assert entry["inputs"][0]["dtype"] == "float32"  # raw pixels in, as model.onnx takes them
+    x = held_out_split[0][:16]
+    (probs,) = session.run(["probabilities"], {meta["input_name"]: x})
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)  # the final Softmax stays float
+
+
+def test_calibration_uses_the_same_images_for_every_int8_format(tiny_run, tmp_path, monkeypatch):
+    """tflite_int8 and onnx_int8 are calibrated on the very same training images (ExportContext.calibration), and the
+    float ONNX model is exported once for onnx and onnx_int8."""
+    from export import formats
+
+    seen, made = [], []
+    calibration, make_onnx = ExportContext.calibration, formats._make_onnx
+
+    def recording(self, n):
+        images = calibration(self, n)
+        seen.append(images.copy())
+        return images
+
+    def counting(ctx, dest, opset):
+        made.append(opset)
+        return make_onnx(ctx, dest, opset)
+
+    monkeypatch.setattr(ExportContext, "calibration", recording)
+    monkeypatch.setattr(formats, "_make_onnx", counting)
+    assert main(["export", str(tiny_run), "--formats", "onnx,tflite_int8,onnx_int8", "--no-verify",
+                 "--calibration-samples", "8", "--out", str(tmp_path / "x")]) == 0
+    assert len(seen) == 2 and seen[0].shape == (8, 32, 32, 3) and np.array_equal(seen[0], seen[1])
+    assert made == [15]
+
+
 def test_onnx_has_a_dynamic_batch(tiny_export):
     import onnx
 
@@ -360,7 +415,9 @@ def test_an_out_directory_that_is_not_writable_names_out(tiny_run, capsys):
         (["--quantize", "int4"], "unknown --quantize value 'int4'"),
         (["--formats", "savedmodel,tflite", "--opset", "13"], "--opset applies only to onnx"),
         (["--formats", "tflite", "--quantize", "fp16", "--int8-io"], "--int8-io applies only to tflite_int8"),
-        (["--formats", "onnx", "--quantize", "int8"], "applies to tflite, which --formats does not include"),
+        (["--formats", "savedmodel", "--quantize", "int8"], "applies to tflite or onnx, which --formats does not"),
+        (["--formats", "onnx", "--quantize", "fp16"], "applies to tflite, which --formats does not include"),
+        (["--formats", "onnx_int8", "--opset", "11"], "--opset 11 is too old for onnx_int8, which needs 13"),
         (["--quantize", "int8", "--calibration-samples", "0"], "--calibration-samples 0 must be > 0"),
         (["--verify-samples", "0"], "invalid --verify-samples 0 (must be between 1 and 1,000,000)"),
     ],
@@ -412,5 +469,6 @@ def test_scratch_baseline_run_exports(tmp_path):
     run = tmp_path / "runs" / "scratch"
     assert main(["export", str(run), "--formats", "tflite,onnx", "--quantize", "int8"]) == 0
     formats = json.loads((tmp_path / "exports" / "scratch" / "manifest.json").read_text())["export"]["formats"]
-    assert {n: f["status"] for n, f in formats.items()} == dict.fromkeys(("tflite", "tflite_int8", "onnx"), "verified")
+    assert {n: f["status"] for n, f in formats.items()} == dict.fromkeys(
+        ("tflite", "tflite_int8", "onnx", "onnx_int8"), "verified")  # --quantize int8: each family's int8 variant
     shutil.rmtree(tmp_path / "exports")

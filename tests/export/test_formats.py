@@ -24,9 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_format_selection_follows_the_table():
     assert [r.name for r in select_formats(None, None)] == list(FORMATS)
     assert [r.name for r in select_formats("savedmodel,tflite,onnx", "int8")] == [
-        "savedmodel", "tflite", "tflite_int8", "onnx"]
+        "savedmodel", "tflite", "tflite_int8", "onnx", "onnx_int8"]  # int8: every chosen family's int8 variant
+    assert [r.name for r in select_formats("onnx", None)] == ["onnx"]
+    assert [r.name for r in select_formats("onnx", "int8")] == ["onnx", "onnx_int8"]
+    assert [r.name for r in select_formats("onnx_int8", None)] == ["onnx_int8"]
     assert [r.name for r in select_formats("tflite_fp16", None)] == ["tflite_fp16"]
     assert [r.name for r in select_formats(None, "dynamic")] == ["savedmodel", "tflite", "tflite_dynamic", "onnx"]
+    with pytest.raises(UserError, match="--quantize int8 applies to tflite or onnx, which --formats does not"):
+        select_formats("savedmodel", "int8")
 
 
 def test_special_cases_are_columns_of_the_table():
@@ -35,7 +40,7 @@ def test_special_cases_are_columns_of_the_table():
     assert {row.runtime for row in FORMATS.values()} == {ONNXRUNTIME, LITERT, TENSORFLOW}
     with_labels = [n for n, r in FORMATS.items() if r.embed_labels]  # TFLite and ONNX carry their labels inside
     assert with_labels == [n for n, r in FORMATS.items() if r.family in ("tflite", "onnx")]
-    assert [n for n, r in FORMATS.items() if r.needs_calibration] == ["tflite_int8"]
+    assert [n for n, r in FORMATS.items() if r.needs_calibration] == ["tflite_int8", "onnx_int8"]
     assert [n for n, r in FORMATS.items() if r.describe] == ["tflite_int8"]
     for row in FORMATS.values():
         if row.needs_calibration:

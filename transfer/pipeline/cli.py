@@ -42,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--artifacts", help="artifacts root (default: the config's, else artifacts)")
     p.add_argument("--name", help="report name: <artifacts>/reports/<name>/ (default: the config's name)")
     p.add_argument("--formats", help="export formats, overriding [export] formats (default: all)")
-    p.add_argument("--quantize", help="tflite variants, overriding [export] quantize")
+    p.add_argument("--quantize", help="quantized variants (fp16, dynamic, int8), overriding [export] quantize")
     p.add_argument("--serve", action="store_true", help="afterwards, serve the best model's export (Ctrl-C stops)")
     p.add_argument("--port", type=int, help="port for --serve (default: serve's)")
     add_config_args(p, RunConfig, exclude=("artifacts", "name", "overwrite"))
