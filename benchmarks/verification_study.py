@@ -258,6 +258,19 @@ def _failed(report: dict) -> bool:
     return not report.get("passed")
 
 
+def rejudge(report: dict, name: str) -> dict:
+    """``report`` judged again by the format table's current rules (a study's JSON outlives a change of numbers)."""
+    from export.formats import FORMATS
+    from export.verify import judge
+
+    if "top1_agreement" not in report or "median_tv" not in report:
+        return report
+    thresholds = FORMATS[name].thresholds
+    failures, notes = judge(report, thresholds)
+    return {**report, "thresholds": thresholds.as_dict(), "failures": failures, "notes": notes,
+            "passed": not failures}
+
+
 def above_chance(m: Model) -> bool:
     """Whether the model's Keras accuracy on its test images is significantly above chance (exact binomial test, as
     export.verify notes it): a model at chance has no decisions an artifact could keep, so its failures are listed
@@ -302,7 +315,7 @@ def print_formats(models: list[Model], formats: list[str]) -> dict:
         "decisions carry nothing for an artifact to keep, listed apart)")
     header = (f"{'format':<16}{'exports':>8}{'false fail':>11}{'at chance':>10}{'min agree':>10}"
               f"{'min decided (CI hi)':>21}"
-              f"{'max|diff|':>10}{'p99|diff|':>10}{'mean|diff|':>11}{'max loss':>9}{'min p':>7}  rule")
+              f"{'max|diff|':>10}{'p99|diff|':>10}{'medTV':>9}{'mean|diff|':>11}{'max loss':>9}{'min p':>7}  rule")
     say(header)
     say("-" * len(header))
     summary = {}
@@ -325,6 +338,7 @@ def print_formats(models: list[Model], formats: list[str]) -> dict:
             "min_decided_ci_high": min(r["decisive_ci95"][1] for r in reports),
             "max_abs_diff": max(r["max_abs_diff"] for r in reports),
             "max_p99_abs_diff": max(r["p99_abs_diff"] for r in reports),
+            "max_median_tv": max(r.get("median_tv", float("nan")) for r in reports),
             "max_mean_abs_diff": max(r["mean_abs_diff"] for r in reports),
             "max_loss": max(drops) if drops else None,
             "min_p": min(r["p_value"] for r in reports),
@@ -334,20 +348,22 @@ def print_formats(models: list[Model], formats: list[str]) -> dict:
         rule = "; ".join(part for part in (
             f"max|diff|<={t.max_abs_diff:g}" if t.max_abs_diff is not None else "",
             f"p99|diff|<={t.max_p99_abs_diff:g}" if t.max_p99_abs_diff is not None else "",
+            f"medTV<={t.max_median_tv:g}" if t.max_median_tv is not None else "",
             f"agree>={t.min_top1_agreement:.0%}" if t.min_top1_agreement is not None else "",
             f"loss<={t.max_accuracy_drop * 100:g}pt" if t.max_accuracy_drop is not None else "") if part)
         loss = "-" if s["max_loss"] is None else f"{s['max_loss'] * 100:+.2f}"
         decided = f"{_pct(s['min_decided'])} ({_pct(s['min_decided_ci_high'])})"
         say(f"{name:<16}{s['exports']:>8}{s['false_failures']:>11}{s['at_chance_failed']:>10}"
             f"{_pct(s['min_agreement']):>10}{decided:>21}"
-            f"{_sci(s['max_abs_diff']):>10}{_sci(s['max_p99_abs_diff']):>10}"
+            f"{_sci(s['max_abs_diff']):>10}{_sci(s['max_p99_abs_diff']):>10}{_sci(s['max_median_tv']):>9}"
             f"{_sci(s['max_mean_abs_diff']):>11}{loss:>9}{s['min_p']:>7.2g}  {rule}")
     return summary
 
 
 def _why(report: dict) -> str:
     text = " ".join(report.get("failures") or [])
-    for needle, short in (("inference failed", "run"), ("|diff|", "diff"), ("agreement", "agree"),
+    for needle, short in (("inference failed", "run"), ("|diff|", "diff"), ("total-variation", "tv"),
+                          ("agreement", "agree"),
                           ("points below", "loss"), ("output shape", "shape"), ("non-finite", "nan")):
         if needle in text:
             return short
@@ -355,9 +371,9 @@ def _why(report: dict) -> str:
 
 
 def print_broken(broken: dict[str, dict[str, dict | None]], formats: list[str]) -> dict:
-    say("\nBroken artifacts: caught/tried per kind and format, the highest decided agreement among them, and what "
-        "caught them (diff, agree, loss, run)")
-    header = f"{'kind':<22}" + "".join(f"{name:>19}" for name in formats) + f"{'total':>9}"
+    say("\nBroken artifacts: caught/tried per kind and format, the highest decided agreement and the lowest median "
+        "total-variation distance among them, and what caught them (diff, tv, agree, loss, run)")
+    header = f"{'kind':<22}" + "".join(f"{name:>23}" for name in formats) + f"{'total':>9}"
     say(header)
     say("-" * len(header))
     totals = {}
@@ -369,9 +385,11 @@ def print_broken(broken: dict[str, dict[str, dict | None]], formats: list[str]) 
             agreements = [r["decisive_agreement"] for r in reports if "decisive_agreement" in r]
             whys = sorted({_why(r) for r in reports if _failed(r)})
             caught_all, tried_all = caught_all + caught, tried_all + len(reports)
+            tvs = [r["median_tv"] for r in reports if "median_tv" in r]
             top = f" {max(agreements):.0%}" if agreements else ""
-            cell = f"{caught}/{len(reports)}{top} {'+'.join(whys)}"
-            cells.append(f"{cell:>19}")
+            low = f" {min(tvs):.2f}" if tvs else ""
+            cell = f"{caught}/{len(reports)}{top}{low} {'+'.join(whys)}"
+            cells.append(f"{cell:>23}")
         totals[kind] = (caught_all, tried_all)
         say(f"{kind:<22}" + "".join(cells) + f"{f'{caught_all}/{tried_all}':>9}")
     skipped = [f"{label}: {kind}" for label, cases in broken.items() for kind in KINDS if cases.get(kind) is None]
@@ -385,7 +403,11 @@ def print_broken(broken: dict[str, dict[str, dict | None]], formats: list[str]) 
 
 def summarize(models: list[Model], broken: dict, formats: list[str], datasets: list[str], minutes: float,
               honest_minutes: float, work: Path, json_path: str | None) -> None:
-    """The study's tables and totals (and its JSON when asked)."""
+    """The study's tables and totals (and its JSON when asked), every report judged by the current rules."""
+    for m in models:
+        m.reports = {name: rejudge(r, name) for name, r in m.reports.items()}
+    broken = {label: {kind: None if reports is None else {n: rejudge(r, n) for n, r in reports.items()}
+                      for kind, reports in cases.items()} for label, cases in broken.items()}
     print_models(models, formats)
     summary = print_formats(models, formats)
     totals = print_broken(broken, formats)
@@ -447,6 +469,7 @@ def main(argv=None) -> int:
                         help="how many baselines and backbones of each dataset get broken artifacts (default: 1,0 "
                              "with --quick, 2,1 with --all, else 1,1 on the first dataset and 1,0 on the others)")
     parser.add_argument("--json", help="write every report here")
+    parser.add_argument("--epochs", type=int, help="train every model this many epochs (default: 1, 2, 3 in turn)")
     parser.add_argument("--tables", metavar="JSON", help="only print the tables of a finished study from its --json "
                         "and its kept --work directory")
     args = parser.parse_args(argv)
@@ -463,6 +486,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     datasets = [d for d in args.datasets.split(",") if d]
     models = plan(datasets, args.quick, args.models.split(",") if args.models else None, args.all)
+    for m in models if args.epochs else []:
+        m.epochs = args.epochs
     say(f"verification study: {len(models)} models on {', '.join(datasets)}; {samples} verification images; "
         f"log {log}")
 

@@ -435,8 +435,8 @@ def _manifest(source: dict, run_dir: Path, formats: dict, verified: bool, class_
 
 # what a format's manifest entry repeats of its verification report (verify.json holds the whole report)
 _SUMMARY = ("samples", "top1_agreement", "agreement_ci95", "decisive_samples", "decisive_agreement", "decisive_ci95",
-            "max_abs_diff", "mean_abs_diff", "p99_abs_diff", "accuracy", "accuracy_drop", "p_value", "failures",
-            "notes")
+            "max_abs_diff", "mean_abs_diff", "p99_abs_diff", "median_tv", "accuracy", "accuracy_drop", "p_value",
+            "failures", "notes")
 
 
 def _write_reports(out: Path, run_dir: Path, reports: dict, verify_set=None) -> None:

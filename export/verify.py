@@ -69,7 +69,10 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
 
     ``top1_agreement`` over every image, ``decisive_agreement`` over the images the reference decides (top-1 ahead of
     the runner-up by :data:`DECISIVE_MARGIN`), each with its 95 % Wilson interval. ``max_abs_diff``: over every image
-    and class; ``mean_abs_diff``: over every image and class; ``p99_abs_diff``: the 99th percentile over images of each
+    and class; ``median_tv``: the median over images of the total-variation distance between the two probability
+    vectors (half the sum of |diff|: 0 = the same, 1 = disjoint; unlike a mean over classes it does not shrink with
+    the number of classes, and unlike a maximum a few flipped near-ties do not move it); ``mean_abs_diff``: over
+    every image and class; ``p99_abs_diff``: the 99th percentile over images of each
     image's largest |diff|.
     """
     ref = np.asarray(reference, np.float64)
@@ -93,6 +96,7 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
         "max_abs_diff": float(diff.max()) if diff.size else 0.0,
         "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
         "p99_abs_diff": float(np.percentile(per_image, 99)) if per_image.size else 0.0,
+        "median_tv": float(np.median(0.5 * diff.sum(axis=1))) if diff.size else 0.0,
     }
 
 
@@ -113,6 +117,10 @@ def judge(report: dict, thresholds: Thresholds) -> tuple[list[str], list[str]]:
         failures.append(f"max |diff| {report['max_abs_diff']:.3g} > {thresholds.max_abs_diff:g}")
     if thresholds.max_p99_abs_diff is not None and not report["p99_abs_diff"] <= thresholds.max_p99_abs_diff:
         failures.append(f"p99 |diff| {report['p99_abs_diff']:.3g} > {thresholds.max_p99_abs_diff:g}")
+    bound = thresholds.max_median_tv
+    if bound is not None and not report.get("median_tv", 0.0) <= bound:
+        failures.append(f"median total-variation distance {report['median_tv']:.3g} > {bound:g} (the typical image's "
+                        f"probabilities moved further than quantization moves them)")
     allowed = thresholds.max_accuracy_drop
     if allowed is not None and report.get("test_samples") and report["accuracy_drop"] > allowed + 1e-12:
         text = (f"accuracy {report['accuracy']:.2%} is {report['accuracy_drop'] * 100:.2f} points below the Keras "
