@@ -1,4 +1,5 @@
-"""Backbone registry: Keras Applications and TF Hub feature-vector models, objects that build and unfreeze themselves.
+"""Backbone registry: Keras Applications, TF Hub feature-vector models and keras-hub presets, objects that build and
+unfreeze themselves.
 
 Every backbone kind answers the same questions, so nothing else branches on the kind:
 
@@ -9,6 +10,7 @@ Every backbone kind answers the same questions, so nothing else branches on the 
   count); ``set_trainable(layer, unfreeze, freeze_bn)``: apply it, returning the trainable weight-bearing layers
 - ``weights_cached(size)``: whether ImageNet weights are already on disk (None where that does not apply)
 - ``facts(layer)``: what the run manifest records about the built layer beyond the common facts
+- ``preprocess()``: the in-graph layer mapping raw 0..255 RGB to what it was trained on
 
 A new kind is one class with these methods and one row of :data:`KINDS`. Nothing here imports TensorFlow or Keras at
 import time; ``build`` and ``set_trainable`` import them when called.
@@ -28,6 +30,10 @@ from transfer.freezing import Unfreeze, resolve_layer_count, set_layers_trainabl
 
 HUB_PREFIX = "hub:"
 HUB_LAYER = "hub_backbone"  # the Hub layer's name inside a model
+KERAS_HUB_PREFIX = "keras_hub:"
+KERAS_HUB_PACKAGE = "keras-hub"
+KERAS_HUB_INSTALL = 'pip install -e ".[keras-hub]"'
+KERAS_HUB_HANDLE = "keras_hub:<preset name (resnet_50_imagenet) | kaggle://... | hf://... | local preset dir>"
 SCRATCH_BN_MOMENTUM = 0.5
 
 # Per-channel affine maps from raw 0..255 RGB to what each backbone family was trained on.
@@ -54,11 +60,12 @@ _GENERIC_HANDLE_PARTS = {"feature_vector", "feature-vector", "classification", "
 def short_name(name: str) -> str:
     """How people read a backbone's name: a Hub handle by its last meaningful part (``hub:.../mobilenet_v2_100_224/
     feature_vector/5`` -> ``mobilenet_v2_100_224-feature_vector``), a registry name as it is."""
-    if not name.startswith(HUB_PREFIX):
+    prefix = next((p for p in (HUB_PREFIX, KERAS_HUB_PREFIX) if name.startswith(p)), None)
+    if prefix is None:
         return name
-    parts = [p for p in name[len(HUB_PREFIX):].replace("\\", "/").split("/") if p and not p.isdecimal()]
+    parts = [p for p in name[len(prefix):].replace("\\", "/").split("/") if p and not p.isdecimal()]
     if not parts:
-        return "hub"
+        return prefix[:-1]
     if parts[-1].lower() in _GENERIC_HANDLE_PARTS and len(parts) > 1:
         return f"{parts[-2]}-{parts[-1]}"
     return parts[-1]
@@ -97,6 +104,13 @@ class _Sized:
                 f"use --image-size {self.min_size} or more (default {self.default_size})"
             )
         return size
+
+    def preprocess(self):
+        """The built-in Keras layer mapping raw 0..255 RGB to this backbone's input (``PREPROCESSING[preprocessing]``,
+        see :func:`transfer.layers.preprocessing_layer`)."""
+        from transfer.layers import preprocessing_layer
+
+        return preprocessing_layer(self.preprocessing)
 
 
 @dataclass(frozen=True)
@@ -308,6 +322,290 @@ class HubBackbone(_Sized):
         return cls(handle=handle)
 
 
+# keras-hub backbone classes whose layer names mark blocks, as the Keras Applications models of the same family do
+# (a residual block of ResNet/DenseNet, an MBConv block of EfficientNet, a VGG block): --unfreeze blocks:N.
+KERAS_HUB_BLOCKS = {
+    "ResNetBackbone": r"^(stack\d+_block\d+)_",
+    "EfficientNetBackbone": r"^(block\d+[a-z])_",
+    "VGGBackbone": r"^(block\d+)_",
+    "DenseNetBackbone": r"^(stack\d+_block\d+)_",
+}
+KERAS_HUB_DEFAULT_SIZE = 224
+_PRESET_CONFIG = "config.json"
+_PRESET_CONVERTER = "image_converter.json"
+_PRESET_WEIGHTS = "model.weights.h5"
+
+
+def keras_hub_version() -> str | None:
+    """The installed keras-hub version, or None (read from package metadata: nothing is imported)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(KERAS_HUB_PACKAGE)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def import_keras_hub():
+    """``import keras_hub``, or a one-line :class:`UserError` saying how to install it."""
+    try:
+        import keras_hub
+    except ImportError as exc:
+        raise UserError(f"keras-hub backbones need the keras-hub package, which is not installed here ({exc}); "
+                        f"{KERAS_HUB_INSTALL}") from exc
+    return keras_hub
+
+
+def keras_hub_way_out(preset: str) -> str:
+    """How to use ``preset`` on a machine that cannot fetch it: a local preset directory saved on a connected one."""
+    return (f"""on a connected machine run python -c "import keras_hub as k; p, d = '{preset}', 'DIR'; """
+            """k.models.Backbone.from_preset(p).save_to_preset(d); k.layers.ImageConverter.from_preset(p)"""
+            """.save_to_preset(d)", copy DIR here and pass --backbone keras_hub:DIR""")
+
+
+@dataclass(frozen=True)
+class KerasHubPreset:
+    """What a keras-hub preset says about itself (its JSON files): the backbone config and the image converter's."""
+
+    source: str  # what Backbone.from_preset is given: a resolved local directory or the preset handle
+    local: bool
+    config: dict  # config.json: the serialized Backbone
+    converter: dict  # image_converter.json's "config": image_size, scale, offset, ...
+
+    @property
+    def class_name(self) -> str:
+        return str(self.config.get("class_name"))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:160] if lines else type(exc).__name__
+
+
+def _is_local_preset(handle: str) -> bool:
+    return "://" not in handle and (os.path.isdir(os.path.expanduser(handle)) or handle.startswith(("/", ".", "~"))
+                                   or os.sep in handle or "/" in handle)
+
+
+_PRESETS: dict[str, KerasHubPreset] = {}
+
+
+def read_keras_hub_preset(handle: str) -> KerasHubPreset:
+    """The preset's config and image converter, read from its JSON files (a remote preset fetches only those two);
+    every way it can fail is a one-line :class:`UserError` naming the preset and the way out."""
+    if handle in _PRESETS:
+        return _PRESETS[handle]
+    if _is_local_preset(handle):
+        folder = Path(handle).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"keras-hub preset directory '{handle}' does not exist; pass a directory written by "
+                            f"save_to_preset ({keras_hub_way_out('PRESET')})")
+        try:
+            config = _json_file(folder / _PRESET_CONFIG)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"'{handle}' is not a keras-hub preset directory (no readable {_PRESET_CONFIG}: "
+                            f"{_first_line(exc)}); {keras_hub_way_out('PRESET')}") from exc
+        converter = _json_file(folder / _PRESET_CONVERTER) if (folder / _PRESET_CONVERTER).is_file() else None
+        preset = _checked_preset(handle, str(folder.resolve()), True, config, converter)
+    else:
+        import_keras_hub()
+        from keras_hub.src.utils.preset_utils import load_json  # reads one file of a preset (fetched if remote)
+
+        try:
+            config = load_json(handle, _PRESET_CONFIG)
+        except Exception as exc:  # kagglehub/huggingface raise anything from ConnectionError to 404s
+            raise UserError(f"keras-hub preset '{handle}' cannot be fetched (unknown preset, or offline: "
+                            f"{_first_line(exc)}); {keras_hub_way_out(handle)}") from exc
+        try:
+            converter = load_json(handle, _PRESET_CONVERTER)
+        except FileNotFoundError:
+            converter = None
+        except Exception as exc:
+            raise UserError(f"keras-hub preset '{handle}': its {_PRESET_CONVERTER} cannot be fetched "
+                            f"({_first_line(exc)}); {keras_hub_way_out(handle)}") from exc
+        preset = _checked_preset(handle, handle, False, config, converter)
+    _PRESETS[handle] = preset
+    return preset
+
+
+def _json_file(path: Path) -> dict:
+    import json
+
+    value = json.loads(path.read_text())
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name} holds no JSON object")
+    return value
+
+
+def _checked_preset(handle: str, source: str, local: bool, config: dict, converter: dict | None) -> KerasHubPreset:
+    registered = str(config.get("registered_name") or "")
+    if not (registered.startswith("keras_hub>") and str(config.get("class_name", "")).endswith("Backbone")):
+        raise UserError(f"'{handle}' is not a keras-hub backbone preset ({_PRESET_CONFIG} describes "
+                        f"{registered or config.get('class_name') or 'no Keras object'}, not a keras_hub Backbone); "
+                        f"{keras_hub_way_out('PRESET' if local else handle)}")
+    if not isinstance(converter, dict) or not isinstance(converter.get("config"), dict):
+        raise UserError(f"keras-hub preset '{handle}' has no {_PRESET_CONVERTER} (the input scaling its weights "
+                        f"expect); save one beside the backbone: keras_hub.layers.ImageConverter.from_preset(NAME)"
+                        f".save_to_preset(DIR), or keras_hub.layers.ImageConverter(image_size=(S, S), scale=1/255)"
+                        f".save_to_preset(DIR) for a backbone of your own")
+    return KerasHubPreset(source, local, config, converter["config"])
+
+
+def _per_channel(value, neutral: float) -> tuple[float, float, float]:
+    if value is None:
+        return (neutral,) * 3
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    values = [float(v) for v in value]
+    if len(values) == 1:
+        return (values[0],) * 3
+    if len(values) != 3:
+        raise UserError(f"keras-hub image converter scale/offset {value!r} is neither one value nor one per channel")
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class KerasHubBackbone(_Sized):
+    """A keras-hub image ``Backbone`` built with ``keras_hub.models.Backbone.from_preset``: a built-in preset name,
+    a ``kaggle://`` or ``hf://`` handle, or a local preset directory (written by ``save_to_preset``; works offline).
+
+    The preset decides the default image size and the input scaling (its ``ImageConverter``: ``x * scale + offset``,
+    built in-graph as a ``Rescaling`` layer, so artifacts take raw 0..255 RGB like every other). ``--weights
+    imagenet`` loads the preset's weights, ``none`` initialises it randomly. It unfreezes by layer count, ``all``, or
+    ``blocks:N`` on the classes of :data:`KERAS_HUB_BLOCKS`. ``model.keras`` holds the backbone's config and weights
+    (a registered keras_hub class, loaded with safe_mode on; the preset is never needed again).
+    """
+
+    handle: str
+    min_size: int = 1
+    family: str = "keras_hub"
+
+    @property
+    def name(self) -> str:
+        return KERAS_HUB_PREFIX + self.handle
+
+    def preset(self) -> KerasHubPreset:
+        return read_keras_hub_preset(self.handle)
+
+    @property
+    def default_size(self) -> int:
+        size = self.preset().converter.get("image_size")
+        if size:
+            return int(size[0])
+        shape = self.preset().config.get("config", {}).get("image_shape") or [None]
+        return int(shape[0]) if shape[0] else KERAS_HUB_DEFAULT_SIZE
+
+    def scaling(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (scale, offset) of the preset's image converter."""
+        converter = self.preset().converter
+        return _per_channel(converter.get("scale"), 1.0), _per_channel(converter.get("offset"), 0.0)
+
+    @property
+    def preprocessing(self) -> str:
+        scale, offset = self.scaling()
+        return f"keras_hub preset: x * {_short(scale)} + {_short(offset)}"
+
+    def preprocess(self):
+        import keras
+
+        scale, offset = self.scaling()
+        if scale == (1.0,) * 3 and offset == (0.0,) * 3:
+            return keras.layers.Identity(name="preprocess")
+        return keras.layers.Rescaling(scale=list(scale), offset=list(offset), name="preprocess")
+
+    def weights_cached(self, size: int | None = None) -> None:
+        return None  # a preset's weights come with it (a local directory, or keras-hub's own download cache)
+
+    def block_of(self, layer_name: str) -> str | None:
+        pattern = KERAS_HUB_BLOCKS.get(self.preset().class_name)
+        match = re.match(pattern, layer_name) if pattern else None
+        return match.group(1) if match else None
+
+    def check_weights(self, weights: str) -> None:
+        if weights not in ("imagenet", "none"):
+            raise UserError(f"--weights '{weights}' does not apply to keras-hub backbones: pass imagenet (the "
+                            "preset's own weights) or none (random initialisation)")
+
+    def check_unfreeze(self, unfreeze: Unfreeze) -> None:
+        cls = self.preset().class_name
+        if unfreeze.blocks is not None and cls not in KERAS_HUB_BLOCKS:
+            works = ", ".join(c.removesuffix("Backbone") for c in KERAS_HUB_BLOCKS)
+            raise UserError(f"--unfreeze {unfreeze.text}: keras-hub {cls} has no known blocks (blocks:N works on "
+                            f"keras-hub {works}); give a layer count N, 0 or all")
+
+    def pretrained(self, weights: str) -> bool:
+        return weights != "none"
+
+    def build(self, size: int, weights: str):
+        """``Backbone.from_preset`` for ``size`` x ``size`` RGB input, probed with one image."""
+        import numpy as np
+
+        self.check_weights(weights)
+        preset = self.preset()
+        keras_hub = import_keras_hub()
+        overrides = {}
+        shape = preset.config.get("config", {}).get("image_shape")
+        if shape and shape[0] is not None and int(shape[0]) != size:
+            overrides["image_shape"] = (size, size, 3)
+        if preset.local and self.pretrained(weights) and not (Path(preset.source) / _PRESET_WEIGHTS).is_file():
+            raise UserError(f"keras-hub preset '{self.handle}' has no {_PRESET_WEIGHTS}; save the backbone with "
+                            "save_to_preset, or pass --weights none to start from random weights")
+        try:
+            layer = keras_hub.models.Backbone.from_preset(preset.source, load_weights=self.pretrained(weights),
+                                                          **overrides)
+        except Exception as exc:  # a download, a weights file or a config that rejects the size
+            at = f" at {size}x{size} (its own size is {self.default_size}; try --image-size {self.default_size})" \
+                if overrides else ""
+            way_out = "" if preset.local else f"; {keras_hub_way_out(self.handle)}"
+            raise UserError(f"keras-hub preset '{self.handle}' cannot be built{at}: {_first_line(exc)}{way_out}") \
+                from exc
+        try:
+            probe = layer(np.zeros((1, size, size, 3), dtype="float32"), training=False)
+        except Exception as exc:
+            raise UserError(f"keras-hub preset '{self.handle}' does not take {size}x{size} RGB images "
+                            f"({_first_line(exc)}); try --image-size {self.default_size}") from exc
+        if isinstance(probe, dict) or len(probe.shape) not in (2, 3, 4):
+            got = sorted(probe) if isinstance(probe, dict) else tuple(probe.shape)
+            raise UserError(f"keras-hub preset '{self.handle}' ({preset.class_name}) returns {got}; need an image "
+                            "backbone returning a feature map, tokens or a feature vector")
+        if not self.pretrained(weights):
+            _speed_up_batchnorm(layer)
+        return layer
+
+    def facts(self, layer) -> dict:
+        """The keras-hub class and version, the preset's scaling, and the sha256 of a local preset directory."""
+        scale, offset = self.scaling()
+        facts = {"keras_hub_class": self.preset().class_name, "keras_hub_version": keras_hub_version(),
+                 "keras_hub_scaling": {"scale": list(scale), "offset": list(offset)}}
+        if self.preset().local:
+            from export.contract import sha256_of
+
+            facts["keras_hub_preset_sha256"] = sha256_of(self.preset().source)
+        return facts
+
+    def resolve_unfreeze(self, layer, unfreeze: Unfreeze) -> Unfreeze:
+        self.check_unfreeze(unfreeze)
+        return resolve_layer_count(layer, unfreeze, self.name, self.block_of)
+
+    def set_trainable(self, layer, unfreeze: Unfreeze, freeze_bn: bool = True) -> list[str]:
+        return set_layers_trainable(layer, unfreeze, freeze_bn)
+
+    @classmethod
+    def from_handle(cls, handle: str) -> KerasHubBackbone:
+        if not handle.strip():
+            raise UserError(f"empty keras-hub preset; use {KERAS_HUB_HANDLE}")
+        if keras_hub_version() is None:
+            raise UserError(f"--backbone keras_hub:{handle} needs the keras-hub package, which is not installed "
+                            f"here; {KERAS_HUB_INSTALL}")
+        return cls(handle=handle.strip())
+
+
+def _short(values: tuple[float, ...]) -> str:
+    if len(set(values)) == 1:
+        return f"{values[0]:.6g}"
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
 def _speed_up_batchnorm(layer) -> None:
     """Let BatchNorm statistics of a from-scratch backbone settle within a few dozen steps.
 
@@ -372,11 +670,12 @@ BACKBONES: dict[str, Backbone] = {
 }
 
 # Backbone kinds named by a prefix: (prefix, how `transfer backbones` shows it, factory taking the rest of the name).
-KINDS = ((HUB_PREFIX, "hub:<handle>", HubBackbone.from_handle),)
+KINDS = ((HUB_PREFIX, "hub:<handle>", HubBackbone.from_handle),
+         (KERAS_HUB_PREFIX, "keras_hub:<preset>", KerasHubBackbone.from_handle))
 
 
-def get_backbone(name: str) -> Backbone | HubBackbone:
-    """Look a backbone up by name; ``hub:HANDLE`` gives a TF Hub backbone."""
+def get_backbone(name: str) -> Backbone | HubBackbone | KerasHubBackbone:
+    """Look a backbone up by name; ``hub:HANDLE`` gives a TF Hub backbone, ``keras_hub:PRESET`` a keras-hub one."""
     for prefix, _, make in KINDS:
         if name.startswith(prefix):
             return make(name[len(prefix):])

@@ -186,7 +186,20 @@ def cmd_backbones(args) -> int:
         return 0
     print("hub:<url | Kaggle handle | SavedModel dir>  TF Hub image feature-vector model "
           "(inputs scaled to [0, 1]; --unfreeze 0 or all)")
+    print(keras_hub_line())
     return 0
+
+
+def keras_hub_line() -> str:
+    """How ``transfer backbones`` shows the keras-hub kind: the handle, whether keras-hub is installed, what applies."""
+    from transfer.backbones import KERAS_HUB_BLOCKS, KERAS_HUB_HANDLE, KERAS_HUB_INSTALL, keras_hub_version
+
+    version = keras_hub_version()
+    installed = f"keras-hub {version} installed" if version else f"keras-hub not installed: {KERAS_HUB_INSTALL}"
+    blocks = ", ".join(name.removesuffix("Backbone") for name in KERAS_HUB_BLOCKS)
+    return (f"{KERAS_HUB_HANDLE}  keras-hub image Backbone.from_preset ({installed}; size and input scaling from the "
+            f"preset's ImageConverter; --unfreeze N, all, blocks:N on {blocks}; offline: a local preset dir written "
+            "by save_to_preset)")
 
 
 def cmd_datasets(args) -> int:

@@ -9,13 +9,13 @@ from importlib import metadata
 
 from transfer.backbones import BACKBONES
 
-PACKAGES = ("tensorflow", "keras", "tensorflow-hub", "tf-keras", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert",
-            "numpy", "protobuf", "fastapi", "uvicorn")
+PACKAGES = ("tensorflow", "keras", "tensorflow-hub", "tf-keras", "keras-hub", "tf2onnx", "onnx", "onnxruntime",
+            "ai-edge-litert", "numpy", "protobuf", "fastapi", "uvicorn")
 CORE_BACKBONES = ("vgg16", "resnet50", "mobilenetv2", "efficientnetb0")
 HOSTS = (
     ("storage.googleapis.com", "ImageNet weights (keras.applications)"),
     ("www.cs.toronto.edu", "CIFAR-10/100"),
-    ("www.kaggle.com", "TF Hub / Kaggle models"),
+    ("www.kaggle.com", "TF Hub / Kaggle models, keras-hub presets"),
 )
 
 
@@ -105,8 +105,18 @@ def diagnose(network: bool = True) -> dict:
     if not gpus:
         problems.append({"problem": "no GPU visible: training runs on the CPU (fine for synthetic data and tests)",
                          "next": "on a GPU machine: pip install 'tensorflow[and-cuda]' and check nvidia-smi"})
+    from transfer.backbones import KERAS_HUB_HANDLE, KERAS_HUB_INSTALL
+
+    keras_hub = {"installed": versions["keras-hub"] is not None, "version": versions["keras-hub"],
+                 "handle": KERAS_HUB_HANDLE}
+    if offline and keras_hub["installed"]:
+        problems.append({"problem": "offline: keras-hub presets named by name, kaggle:// or hf:// cannot be fetched",
+                         "next": "save the preset on a connected machine (Backbone.from_preset(NAME).save_to_preset("
+                                 "DIR), ImageConverter likewise) and pass --backbone keras_hub:DIR"})
+    elif not keras_hub["installed"]:
+        keras_hub["next"] = KERAS_HUB_INSTALL
     return {"versions": versions, "gpus": gpus, "imagenet_weights_cached": weights, "datasets_cached": datasets,
-            "hosts_reachable": hosts, "problems": problems}
+            "hosts_reachable": hosts, "keras_hub": keras_hub, "problems": problems}
 
 
 def print_report(report: dict) -> None:
@@ -114,6 +124,9 @@ def print_report(report: dict) -> None:
     for package, version in report["versions"].items():
         print(f"  {package:<16} {version or 'not installed'}")
     print(f"GPUs: {', '.join(report['gpus']) or 'none'}")
+    keras_hub = report["keras_hub"]
+    print(f"keras-hub: {keras_hub['version'] + ' installed' if keras_hub['installed'] else 'not installed'} "
+          f"(--backbone {keras_hub['handle']})" + (f"; {keras_hub['next']}" if keras_hub.get("next") else ""))
     print("ImageNet weights cached: " + ", ".join(
         f"{name} {'yes' if ok else 'no'}" for name, ok in report["imagenet_weights_cached"].items()))
     print("datasets cached: " + ", ".join(

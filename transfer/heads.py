@@ -55,6 +55,13 @@ class HeadSpec:
                 "flatten": keras.layers.Flatten,
             }[self.pooling]
             x = pool(name=f"head_{self.pooling}")(x)
+        elif len(x.shape) == 3:  # tokens (a vision transformer's sequence): pooled over the sequence
+            pool = {
+                "gap": keras.layers.GlobalAveragePooling1D,
+                "max": keras.layers.GlobalMaxPooling1D,
+                "flatten": keras.layers.Flatten,
+            }[self.pooling]
+            x = pool(name=f"head_{self.pooling}")(x)
         for i, layer in enumerate(self.layers):
             if layer.kind == "dense":
                 activation = None if layer.batchnorm else "relu"

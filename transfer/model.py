@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transfer.backbones import Backbone, HubBackbone, get_backbone
+from transfer.backbones import Backbone, HubBackbone, KerasHubBackbone, get_backbone
 from transfer.heads import HeadSpec
 
 INPUT_NAME = "image"
@@ -16,7 +16,7 @@ class BuiltModel:
 
     model: object
     backbone: object  # the backbone layer inside ``model``
-    spec: Backbone | HubBackbone
+    spec: Backbone | HubBackbone | KerasHubBackbone
     image_size: int
     pretrained: bool
 
@@ -26,7 +26,7 @@ class BuiltModel:
 
 
 def build_model(
-    backbone: str | Backbone | HubBackbone,
+    backbone: str | Backbone | HubBackbone | KerasHubBackbone,
     *,
     input_shape: tuple[int, int, int],
     num_classes: int,
@@ -36,14 +36,12 @@ def build_model(
     name: str = "classifier",
 ) -> BuiltModel:
     """Build ``raw pixels -> resize -> preprocess -> backbone -> head -> softmax`` from built-in Keras layers
-    (plus the backbone's own layer: a Keras Applications model, or a Hub module).
+    (plus the backbone's own layer: a Keras Applications model, a Hub module, or a keras-hub Backbone).
 
     A pretrained backbone runs with ``training=False`` so its BatchNorm statistics never move; a backbone trained
     from scratch (``--weights none``) has no statistics worth keeping, so its BatchNorm follows training.
     """
     import keras
-
-    from transfer.layers import preprocessing_layer
 
     spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
     size = spec.resolve_size(image_size)
@@ -51,7 +49,7 @@ def build_model(
     x = inputs
     if tuple(input_shape[:2]) != (size, size):
         x = keras.layers.Resizing(size, size, interpolation="bilinear", name="resize")(x)
-    x = preprocessing_layer(spec.preprocessing)(x)
+    x = spec.preprocess()(x)
     base = spec.build(size, weights)
     pretrained = spec.pretrained(weights)
     features = base(x, training=False) if pretrained else base(x)

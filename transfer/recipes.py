@@ -92,6 +92,10 @@ def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> Mode
 
 def default_run_name(model: str, dataset: str, seed: int, *parts: str) -> str:
     """``<model>_<dataset>_<parts...>[_s<seed>]``: the same command always names the same run."""
+    if model.startswith("keras_hub:"):
+        from transfer.backbones import short_name
+
+        model = short_name(model)
     model = model.rstrip("/").split("/")[-1] if model.startswith("hub:") else model
     dataset = dataset.rstrip("/").split("/")[-1] if dataset.startswith("folder:") else dataset
     bits = [model, dataset, *parts] + ([f"s{seed}"] if seed else [])

@@ -1,11 +1,13 @@
 """The one loader of a run's ``model.keras``: a run directory is data, never code from elsewhere.
 
 Every command that loads a trained model (export, verify, evaluate, compare's latency) calls
-:func:`load_run_model`. It keeps Keras' ``safe_mode`` on (a Lambda or any other unsafe layer is refused) and
-checks every Hub layer before Keras builds it: the layer must load the module copy embedded in ``model.keras``
-(see :class:`transfer.layers.HubFeatureExtractor`) whose sha256 matches the layer config, and that module's graph
-must hold no file, Python or network ops (:func:`transfer.layers.unsafe_ops`). Anything else is a one-line
-:class:`UserError` unless the caller passes ``trust_hub=True`` (the commands' ``--trust-hub-handle``).
+:func:`load_run_model`. It keeps Keras' ``safe_mode`` on (a Lambda or any other unsafe layer is refused), imports
+keras_hub when the model holds a keras-hub backbone (a registered Keras class whose config and weights are in
+``model.keras``: nothing outside the run is read), and checks every Hub layer before Keras builds it: the layer must
+load the module copy embedded in ``model.keras`` (see :class:`transfer.layers.HubFeatureExtractor`) whose sha256
+matches the layer config, and that module's graph must hold no file, Python or network ops
+(:func:`transfer.layers.unsafe_ops`). Anything else is a one-line :class:`UserError` unless the caller passes
+``trust_hub=True`` (the commands' ``--trust-hub-handle``).
 
 TensorFlow is imported only when a model is loaded.
 """
@@ -48,6 +50,14 @@ def load_run_model(run_dir: str | os.PathLike, *, trust_hub: bool = False, compi
             modules = _extract_modules(archive, path) if hub_layers else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path} is not a readable Keras model archive ({_first_line(exc)})") from exc
+    if any(_keras_hub_objects(config)):  # a keras-hub backbone: its registered classes come with the package
+        from transfer.backbones import KERAS_HUB_INSTALL
+
+        try:
+            import keras_hub  # noqa: F401 - registers keras_hub's serializable classes
+        except ImportError as exc:
+            raise UserError(f"{path} holds a keras-hub backbone and keras-hub is not installed here; "
+                            f"{KERAS_HUB_INSTALL}") from exc
     from transfer.layers import LOAD_POLICY, TRUST_FLAG, _LoadPolicy
 
     checked = {}
@@ -90,6 +100,19 @@ def _hub_layers(config):
     elif isinstance(config, list):
         for value in config:
             yield from _hub_layers(value)
+
+
+def _keras_hub_objects(config):
+    """Every keras_hub class a Keras model config names (a keras-hub backbone, nested anywhere)."""
+    if isinstance(config, dict):
+        if str(config.get("registered_name") or "").startswith("keras_hub>") \
+                or str(config.get("module") or "").startswith("keras_hub"):
+            yield config.get("class_name")
+        for value in config.values():
+            yield from _keras_hub_objects(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from _keras_hub_objects(value)
 
 
 class _Modules:
