@@ -60,6 +60,11 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=streams, thread_name_prefix=f"ort-{model.name}")
+        # This model's metric series, looked up once (labels() takes a lock and checks its arguments every call).
+        self._depth = metrics.queue_depth.labels(model.name)
+        self._batch_sizes = metrics.batch_size.labels(model.name)
+        self._inference = metrics.inference.labels(model.name)
+        self.images_counter = metrics.images.labels(model.name)
 
     async def start(self) -> None:
         self._wake = asyncio.Event()
@@ -99,7 +104,7 @@ class Batcher:
         for item in items:
             self._pending.append(item)
             self._queued_images += len(item.images)
-        self.metrics.queue_depth.labels(self.model.name).set(self._queued_images)
+        self._depth.set(self._queued_images)
         self._wake.set()
         try:
             if len(items) == 1:
@@ -159,7 +164,7 @@ class Batcher:
             except BaseException:
                 self._free.release()
                 raise
-            self.metrics.queue_depth.labels(self.model.name).set(self._queued_images)
+            self._depth.set(self._queued_images)
             task = asyncio.create_task(self._dispatch(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -176,8 +181,8 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 return
-            self.metrics.batch_size.labels(self.model.name).observe(len(images))
-            self.metrics.inference.labels(self.model.name).observe(seconds)
+            self._batch_sizes.observe(len(images))
+            self._inference.observe(seconds)
             start = 0
             for item in batch:
                 end = start + len(item.images)

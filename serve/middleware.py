@@ -1,5 +1,8 @@
 """Pure ASGI middleware around the whole app: how many requests may be in progress, the request body size limit,
-the buffer budget that bodies count against as they arrive, and the per-request metrics."""
+the buffer budget that bodies count against as they arrive, and the per-request metrics; and the fast lanes: routes
+(``:classify``) whose requests it hands straight to an ASGI handler instead of through FastAPI's routing, dependency
+injection and exception middleware (serve.routes.inference.classify_lane), which cost more per request than the
+route's own work on small models."""
 
 from __future__ import annotations
 
@@ -29,9 +32,25 @@ class Limits:
     and request metrics by route. An error answered before the body was read in full closes the connection, so the
     rest of the body is never read."""
 
-    def __init__(self, app, state, routes_of: Callable[[], Sequence[BaseRoute]]) -> None:
-        self.app, self.state, self.routes_of = app, state, routes_of
+    def __init__(self, app, state, routes_of: Callable[[], Sequence[BaseRoute]],
+                 lanes_of: Callable[[], Sequence[tuple[BaseRoute, Callable]]] | None = None) -> None:
+        self.app, self.state, self.routes_of, self.lanes_of = app, state, routes_of, lanes_of
         self.settings, self.metrics = state.settings, state.metrics
+        self._lanes: Sequence[tuple[BaseRoute, Callable]] | None = None
+
+    def _lane(self, scope) -> Callable | None:
+        """The fast-lane handler of the route this request matches, with the route and its path parameters put in the
+        scope as the router would; None for every other request. Only routes that come first in the route table have
+        lanes (serve.app), so a route matched here is the one the router would have chosen."""
+        if self._lanes is None:
+            self._lanes = tuple(self.lanes_of()) if self.lanes_of is not None else ()
+        for route, handler in self._lanes:
+            match, child_scope = route.matches(scope)
+            if match is Match.FULL:
+                scope.update(child_scope)
+                scope["route"] = route
+                return handler
+        return None
 
     def _route(self, scope) -> str:
         for route in self.routes_of():
@@ -89,7 +108,8 @@ class Limits:
             if counted:
                 state.in_flight += 1
             try:
-                await self.app(scope, limited_receive, send_and_record)
+                lane = self._lane(scope) if self._lanes != () else None
+                await (lane or self.app)(scope, limited_receive, send_and_record)
             finally:
                 if counted:
                     state.in_flight -= 1
