@@ -91,6 +91,9 @@ CASES = [
     (["baseline", "--model", "vgg3-dropot"], "did you mean 'vgg3-dropout'"),
     (["baseline", "--model", "vgg1", "--protocol", "fast"], "'fast'"),
     (["baseline", "--model", "vgg1", "--epochs", "-5"], "--epochs -5"),
+    # --precision: a value that is none, and float16 training on a machine without a GPU (CPU-only test machines)
+    (["baseline", "--model", "vgg1", "--precision", "mixed_float16"], "mixed_float16 needs a GPU (compute capability"),
+    (["finetune", "--precision", "fp16"], "invalid choice: 'fp16'"),
     (["baselines", "--verbose"], "--verbose"),
     (["backbones", "--all"], "--all"),
     # export / verify / bench

@@ -279,7 +279,8 @@ class HubBackbone(_Sized):
         from transfer.layers import HubFeatureExtractor
 
         self.check_weights(weights)
-        layer = HubFeatureExtractor(self.handle, name=HUB_LAYER)
+        # the module's graph is float32 whatever the dtype policy (--precision): the head casts its features
+        layer = HubFeatureExtractor(self.handle, name=HUB_LAYER, dtype="float32")
         try:
             probe = layer(np.zeros((1, size, size, 3), dtype="float32"))
         except (ValueError, TypeError) as exc:

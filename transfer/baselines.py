@@ -297,7 +297,8 @@ def build_baseline(name: str, input_shape: tuple[int, int, int] = (32, 32, 3), n
             x = keras.layers.Flatten()(x)
         else:
             raise ValueError(f"unknown layer kind {op.kind!r} in baseline {baseline.name!r}")
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    # float32 softmax whatever the dtype policy (--precision): probabilities and the loss stay float32
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs, outputs, name=baseline.name.replace("-", "_"))
 
 

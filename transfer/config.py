@@ -15,6 +15,7 @@ from transfer.errors import UserError, unknown
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "cosine", "exponential")
 STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")  # transfer.distribute builds them
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")  # Keras dtype policies; transfer.precision applies them
 RANK_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # transfer.compare.ranking ranks by them
 
 
@@ -94,10 +95,18 @@ class TrainConfig:
     patience: int = option(5, "early stopping on val_accuracy (best weights restored)", minimum=1, maximum=MAX_EPOCHS)
     seed: int = option(0, "seed of splits, initialisation, shuffling and augmentation", minimum=0, maximum=2**32 - 1)
     tensorboard: bool = option(True, "write TensorBoard logs")
+    precision: str = option("float32", "Keras dtype policy while training: mixed_float16 (GPUs of compute capability "
+                            ">= 7.0) and mixed_bfloat16 (GPUs >= 8.0, CPUs with avx512_bf16/AMX) compute in 16 bits "
+                            "with float32 weights and softmax; model.keras and every export stay float32",
+                            choices=PRECISIONS)
+    jit_compile: bool = option(False, "compile the training step with XLA (jit_compile=True); not part of the run's "
+                               "identity", default_text="off: Keras' choice (XLA on a GPU when every layer supports "
+                               "it, never on CPUs)")
 
     def __post_init__(self):
         check_bounds(self)
         checks = (
+            (self.precision in PRECISIONS, f"--precision '{self.precision}' (choices: {', '.join(PRECISIONS)})"),
             (self.optimizer in OPTIMIZERS, f"--optimizer '{self.optimizer}' (choices: {', '.join(OPTIMIZERS)})"),
             (self.schedule in SCHEDULES, f"--schedule '{self.schedule}' (choices: {', '.join(SCHEDULES)})"),
             (self.lr > 0, f"--lr {self.lr} (must be > 0)"),

@@ -82,6 +82,9 @@ def load_run_model(run_dir: str | os.PathLike, *, trust_hub: bool = False, compi
         raise
     if modules is not None:  # the loaded layers keep their folders (a re-save embeds them again) while it lives
         weakref.finalize(model, shutil.rmtree, str(modules.root), True)
+    from transfer.precision import to_float32
+
+    to_float32(model)  # what is evaluated, exported and verified computes in float32, whatever the file says
     return model
 
 

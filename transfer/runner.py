@@ -45,12 +45,18 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
 
     Under multi-worker training every worker runs this; only the chief writes the run directory.
     """
+    from transfer import precision
     from transfer.data import load_dataset
     from transfer.distribute import barrier, is_chief, make_strategy, shard_by_data
 
     started = time.perf_counter()
-    run_path = run_cfg.run_path(recipe.default_name)
+    part = precision.NAME_PART.get(train_cfg.precision)
+    run_path = run_cfg.run_path(recipe.default_name + (f"_{part}" if part else ""))
     strategy = make_strategy(run_cfg.strategy)
+    device = precision.check_device(train_cfg.precision)  # a precision this machine cannot train in: one line, no trace
+    if train_cfg.precision != precision.FLOAT32 or train_cfg.jit_compile:
+        print(f"precision: {train_cfg.precision} on {device}" + (", XLA (--jit-compile)" if train_cfg.jit_compile
+                                                                  else "") + "; model.keras and exports float32")
     chief = is_chief(strategy)
     if run_cfg.strategy != "auto" or strategy.num_replicas_in_sync > 1:
         print(f"strategy: {run_cfg.strategy} ({type(strategy).__name__}) with {strategy.num_replicas_in_sync} replicas"
@@ -59,6 +65,9 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
         rundir.check_writable(run_path.parent)  # creates nothing: a run that fails before training leaves no trace
     config = {"kind": recipe.kind, **as_dict(data_cfg, augment_cfg, recipe.model_config, train_cfg)}
     config["data"].pop("cache")  # where decoded pixels are kept is not what the run is: resuming may change it
+    config["train"].pop("jit_compile")  # nor is how the training step is compiled (manifest "precision" records it)
+    if train_cfg.precision == precision.FLOAT32:  # float32 runs keep the identity they had before --precision
+        config["train"].pop("precision")
 
     t0 = time.perf_counter()
     # A folder is decoded at the size the model takes (a backbone's resolved --image-size), so that size becomes the
@@ -87,7 +96,7 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
 
     keras.utils.set_random_seed(train_cfg.seed)
     t0 = time.perf_counter()
-    with strategy.scope():
+    with strategy.scope(), precision.dtype_policy(train_cfg.precision):  # the policy applies to this build only
         built = recipe.build(dataset)
     model = built.model
     build_seconds = time.perf_counter() - t0
@@ -131,6 +140,18 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
     from transfer.freezing import count_params, freeze_batchnorm
 
     freeze_batchnorm(model)  # training is over: inference-mode BatchNorm in model.keras and every export
+    precision_record = {"policy": train_cfg.precision, "device": device, "jit_compile": bool(model.jit_compile),
+                        "jit_compile_requested": train_cfg.jit_compile,
+                        "training_compute_dtypes": precision.compute_dtypes(model),
+                        "variable_dtypes": precision.variable_dtypes(model),
+                        "output_dtype": str(model.output.dtype), "loss_scaling": precision.loss_scaling(model)}
+    if train_cfg.precision != precision.FLOAT32:
+        # What ships is float32: the test set is scored in the training precision for the record, then every layer
+        # computes in float32 (same float32 variables) for evaluation.json, model.keras, plots and exports.
+        mixed = evaluate(model, dataset.test, dataset.classes, train_cfg.batch_size, pad_batches=replicas > 1)
+        precision_record["test_accuracy_in_training_precision"] = mixed["accuracy"]
+        precision.to_float32(model)
+    precision_record["saved_compute_dtypes"] = precision.compute_dtypes(model)
     t0 = time.perf_counter()
     evaluation = evaluate(model, dataset.test, dataset.classes, train_cfg.batch_size, pad_batches=replicas > 1)
     eval_seconds = time.perf_counter() - t0
@@ -172,6 +193,7 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
             "trainable_params": final_phase.get("trainable_params", count_params(model.trainable_weights)),
             **built.described,
         },
+        "precision": precision_record,
         "phases": result.phases,
         "trainable_layers": final_phase.get("trainable_backbone_layers", []),
         "metrics": {

@@ -76,7 +76,12 @@ def make_optimizer(cfg: TrainConfig, lr: float, total_steps: int):
 
 
 def compile_model(model, cfg: TrainConfig, lr: float, total_steps: int, num_classes: int) -> None:
-    """Compile with one-hot cross-entropy (so label smoothing works) and accuracy/top-5 metrics."""
+    """Compile with one-hot cross-entropy (so label smoothing works) and accuracy/top-5 metrics.
+
+    ``--jit-compile`` asks for XLA (``jit_compile=True``); a model Keras cannot XLA-compile is refused in one line.
+    Without it Keras decides ("auto": XLA on a GPU when every layer supports it, never on a CPU). A model built under
+    ``mixed_float16`` gets Keras' loss-scale optimizer here (Keras wraps it when the model's policy says so).
+    """
     metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     if num_classes >= 5:
         metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
@@ -84,7 +89,26 @@ def compile_model(model, cfg: TrainConfig, lr: float, total_steps: int, num_clas
         optimizer=make_optimizer(cfg, lr, total_steps),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=metrics,
+        jit_compile=True if cfg.jit_compile else "auto",
     )
+    if cfg.jit_compile and not model.jit_compile:
+        raise UserError("--jit-compile: Keras cannot XLA-compile this model (a layer without XLA support, or "
+                        "deterministic ops enabled); run without --jit-compile")
+
+
+def _fit(model, cfg: TrainConfig, **kwargs):
+    """``model.fit``; under ``--jit-compile`` an XLA compilation failure is a one-line UserError."""
+    if not cfg.jit_compile:
+        return model.fit(**kwargs)
+    import tensorflow as tf
+
+    try:
+        return model.fit(**kwargs)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError) as exc:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        detail = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+        raise UserError(f"--jit-compile: XLA could not compile the training step ({detail}); run without "
+                        "--jit-compile") from exc
 
 
 def save_weights_npz(model, path: Path) -> None:
@@ -304,8 +328,8 @@ def train(model, set_trainable: Callable[[Unfreeze], list[str]] | None, *, train
         ]
         if cfg.tensorboard and writer:
             callbacks.append(keras.callbacks.TensorBoard(str(run_path / "logs"), write_graph=False))
-        model.fit(train_ds, validation_data=val_ds, epochs=phase.end_epoch, initial_epoch=initial,
-                  callbacks=callbacks, verbose=verbose, shuffle=False)
+        _fit(model, cfg, x=train_ds, validation_data=val_ds, epochs=phase.end_epoch, initial_epoch=initial,
+             callbacks=callbacks, verbose=verbose, shuffle=False)
         last = memory.get("last_logs", {})
         if last and not math.isfinite(last.get("loss", 0.0)):
             raise UserError(
