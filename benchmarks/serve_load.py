@@ -1,7 +1,7 @@
 """Load test of `transfer serve` on loopback: throughput and latency percentiles at several concurrencies against raw
 in-process ONNX Runtime throughput, then a run with malformed requests mixed in (expects zero 5xx).
 
-    python benchmarks/serve_load.py [--export DIR] [--requests 3000] [--seconds 10]
+    python benchmarks/serve_load.py [--export DIR] [--requests 3000] [--seconds 10] [--workers N] [--image-format png]
 
 Without --export it trains and exports a small CNN (fashion-mnist-cnn baseline, 64x64 input) with
 tests/serve/serve_fixtures.py (needs TensorFlow once).
@@ -11,6 +11,11 @@ Bounded: at most --requests requests and --seconds seconds per level; the server
 using all intra-op threads, and one single-threaded stream per core (the server's default layout). Both are
 printed; ratios use the higher. The load generator is a minimal keep-alive HTTP/1.1 client on asyncio streams, so
 that on a small machine its own CPU (printed) takes as little as possible from the server it shares the cores with.
+
+CPU per request (Linux /proc, utime + stime deltas over a level divided by its requests): "server ms/req" is every
+server process (with --workers N, all of them; bulk processes not counted) and thread, inference included; "loop
+ms/req" only their main threads, the event loops that do HTTP, decoding, batching and JSON (inference runs on other
+threads); "client ms/req" is the load generator's. On a shared machine these are steadier than requests per second.
 """
 
 from __future__ import annotations
@@ -47,13 +52,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _images(n: int, size: tuple[int, int]) -> list[bytes]:
+def _images(n: int, size: tuple[int, int], image_format: str = "png") -> list[bytes]:
     rng = np.random.default_rng(0)
     out = []
     for _ in range(n):
         pixels = np.clip(rng.integers(0, 256, 3) + rng.integers(-50, 50, (*size, 3)), 0, 255).astype(np.uint8)
         buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, "PNG")
+        Image.fromarray(pixels).save(buf, image_format.upper())
         out.append(buf.getvalue())
     return out
 
@@ -153,13 +158,32 @@ async def load(port: int, path: str, blobs: list[bytes], expected: list[tuple[st
             "client_cpu": (time.process_time() - cpu) / wall, "5xx": sum(v for k, v in statuses.items() if k >= 500)}
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc), 0 where that is not available."""
+def _cpu_seconds(pid: int, main_thread_only: bool = False) -> float:
+    """User + system CPU seconds of a process, or of its main thread (Linux /proc), 0 where that is not available."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        stat = Path(f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def _server_pids(pid: int, workers: int) -> list[int]:
+    """The processes that answer requests: the server itself, or with --workers N its N worker processes (children of
+    the supervisor that are not its bulk processes)."""
+    if workers == 1:
+        return [pid]
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return [pid]
+    return [c for c in children if b"serve.bulk" not in Path(f"/proc/{c}/cmdline").read_bytes()
+            and b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()][:workers] or [pid]
+
+
+def _cpu(pids: list[int]) -> tuple[float, float]:
+    """(all threads, main threads) CPU seconds of ``pids`` together."""
+    return sum(_cpu_seconds(p) for p in pids), sum(_cpu_seconds(p, main_thread_only=True) for p in pids)
 
 
 def _batch_stats(text: str) -> tuple[float, float]:
@@ -179,6 +203,9 @@ def main() -> int:
     parser.add_argument("--batch-timeout-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=0, help="server --threads (default auto)")
     parser.add_argument("--streams", type=int, default=0, help="server --streams (default auto)")
+    parser.add_argument("--workers", type=int, default=1, help="server --workers (processes sharing the port)")
+    parser.add_argument("--image-format", default="png", choices=("png", "jpeg"), help="how the requests' images are "
+                        "encoded (default png)")
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
@@ -192,7 +219,7 @@ def main() -> int:
     export = ExportDir.open(export_dir)
     cores = available_cores()
     all_threads, one_thread = OnnxModel(export, threads=cores), OnnxModel(export, threads=1)
-    blobs = _images(64, export.size)
+    blobs = _images(64, export.size, args.image_format)
     probs = all_threads.run(decode_all(blobs, export.size, 10**8))
     expected = [(export.classes[int(p.argmax())], float(p.max())) for p in probs]
 
@@ -206,7 +233,8 @@ def main() -> int:
     port = _free_port()
     cmd = [sys.executable, "-m", "serve", str(export_dir), "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(args.max_batch), "--batch-timeout-ms", str(args.batch_timeout_ms),
-           "--threads", str(args.threads), "--streams", str(args.streams), "--log-level", "warning"]
+           "--threads", str(args.threads), "--streams", str(args.streams), "--workers", str(args.workers),
+           "--log-level", "warning"]
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         from serve.client import ServeClient
@@ -218,19 +246,23 @@ def main() -> int:
             time.sleep(0.2)
         path = f"/v1/models/{export.name}:classify?top_k=1"
         asyncio.run(load(port, path, blobs, expected, 4, 200, 10))  # warm connections and caches
+        pids = _server_pids(server.pid, args.workers)
         rows = []
         for c in [int(c) for c in args.concurrency.split(",")] + [-32]:
             # Raw throughput measured right before and right after each level (the mean is used): this machine's
             # speed drifts over a run by more than the differences being measured.
             raw_before = raw_now(2.0)
-            batches, cpu = _batch_stats(api.metrics()), _cpu_seconds(server.pid)
+            batches, cpu = _batch_stats(api.metrics()), _cpu(pids)
             row = asyncio.run(load(port, path, blobs, expected, abs(c), args.requests, args.seconds,
                                    malformed=0.2 if c < 0 else 0.0))
-            after, server_cpu = _batch_stats(api.metrics()), _cpu_seconds(server.pid) - cpu
+            after, cpu_after = _batch_stats(api.metrics()), _cpu(pids)
+            server_cpu, loop_cpu = cpu_after[0] - cpu[0], cpu_after[1] - cpu[1]
             raw_after = raw_now(2.0)
             raw = {name: (raw_before[name] + raw_after[name]) / 2 for name in raw_before}
             row |= {"raw": max(raw.values()), "raw_default": raw["1 stream x all threads"],
-                    "server_cpu": server_cpu / row["wall"],
+                    "server_cpu": server_cpu / row["wall"], "server_ms": 1000 * server_cpu / row["requests"],
+                    "loop_ms": 1000 * loop_cpu / row["requests"],
+                    "client_ms": 1000 * row["client_cpu"] * row["wall"] / row["requests"],
                     "batch": (after[0] - batches[0]) / max(after[1] - batches[1], 1)}
             rows.append(row)
         mixed = rows.pop()
@@ -239,20 +271,22 @@ def main() -> int:
         server.wait(timeout=30)
         tmp.cleanup()
 
-    print(f"\nmodel {export.name}: input {list(export.input_shape)}, {len(export.classes)} classes; "
+    print(f"\nmodel {export.name}: input {list(export.input_shape)}, {len(export.classes)} classes, "
+          f"{args.image_format.upper()} requests; server --workers {args.workers}; "
           f"{cores} CPUs shared by the load generator and the server")
     print(f"raw in-process ORT at batch {args.max_batch}: "
           + ", ".join(f"{name} {value:.0f} img/s" for name, value in first_raw.items())
           + f" (batch 1: {raw_batch1:.0f} img/s); both re-measured before and after each level")
     print("\n'vs raw' divides by the better raw layout, 'vs 1-stream raw' by one session call using every core.")
     print("\n| run | concurrency | requests | req/s | raw img/s | vs raw | vs 1-stream raw | p50 ms | p95 ms | p99 ms "
-          "| avg batch | server CPU | client CPU | 5xx | wrong |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| avg batch | server CPU | server ms/req | loop ms/req | client ms/req | 5xx | wrong |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in [("valid", r) for r in rows] + [("20% malformed", mixed)]:
         print(f"| {name} | {r['concurrency']} | {r['requests']} | {r['throughput']:.0f} | {r['raw']:.0f} | "
               f"{r['throughput'] / r['raw']:.2f} | {r['throughput'] / r['raw_default']:.2f} | "
               f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
-              f"{r['batch']:.1f} | {r['server_cpu']:.0%} | {r['client_cpu']:.0%} | {r['5xx']} | {r['wrong']} |")
+              f"{r['batch']:.1f} | {r['server_cpu']:.0%} | {r['server_ms']:.3f} | {r['loop_ms']:.3f} | "
+              f"{r['client_ms']:.3f} | {r['5xx']} | {r['wrong']} |")
     print(f"\nstatus counts of the malformed run: {dict(sorted(mixed['statuses'].items()))}")
     failed = mixed["5xx"] or any(r["wrong"] or r["5xx"] for r in rows) or mixed["wrong"]
     return 1 if failed else 0
