@@ -46,6 +46,7 @@ SYNTHETIC_ARGS = ["--synthetic-train", "800", "--synthetic-test", "300"]
 QUICK = {"digits": ("vgg1", "fashion-mnist-cnn", "mobilenetv2"), "synthetic": ("lenet5", "vgg2")}
 BIG = ("vgg16-like", "vgg19-like")  # 32-43 M parameters: one epoch, and only with --all (minutes each to export)
 SLOW = ("resnet50v2",)  # on the first dataset only unless --all (about 3 minutes a run on 2 cores)
+FINE_TUNE_LR = None  # --fine-tune-lr of the backbones (None: the toolkit's default); set by main
 KINDS = ("wrong weights", "missing preprocessing", "permuted labels", "file from another run")
 
 
@@ -128,7 +129,7 @@ def train(model: Model, artifacts: Path, log: Path, seed: int = 0, suffix: str =
               "--artifacts", str(artifacts), "--name", run, *(SYNTHETIC_ARGS if model.dataset == "synthetic" else [])]
     if model.backbone:
         argv = ["finetune", "--backbone", model.name, "--weights", "none", "--image-size", "32", "--head-epochs", "0",
-                "--unfreeze", "all", *common]
+                "--unfreeze", "all", *(["--fine-tune-lr", str(FINE_TUNE_LR)] if FINE_TUNE_LR else []), *common]
     else:
         argv = ["baseline", "--model", model.name, *common]
     with quiet(log):
@@ -470,6 +471,8 @@ def main(argv=None) -> int:
                              "with --quick, 2,1 with --all, else 1,1 on the first dataset and 1,0 on the others)")
     parser.add_argument("--json", help="write every report here")
     parser.add_argument("--epochs", type=int, help="train every model this many epochs (default: 1, 2, 3 in turn)")
+    parser.add_argument("--fine-tune-lr", type=float, help="the backbones' --fine-tune-lr (default: the toolkit's; "
+                        "1e-3 trains them from scratch in a few epochs, as configs/quickstart.toml does)")
     parser.add_argument("--tables", metavar="JSON", help="only print the tables of a finished study from its --json "
                         "and its kept --work directory")
     args = parser.parse_args(argv)
@@ -488,6 +491,8 @@ def main(argv=None) -> int:
     models = plan(datasets, args.quick, args.models.split(",") if args.models else None, args.all)
     for m in models if args.epochs else []:
         m.epochs = args.epochs
+    global FINE_TUNE_LR
+    FINE_TUNE_LR = args.fine_tune_lr
     say(f"verification study: {len(models)} models on {', '.join(datasets)}; {samples} verification images; "
         f"log {log}")
 
