@@ -35,6 +35,11 @@ CASES = [
     (["finetune", "--unfreeze", "some"], "--unfreeze 'some'"),
     (["finetune", "--unfreeze", "blocks:0"], "blocks:0"),
     (["finetune", "--unfreeze", "-3"], "-3"),
+    (["finetune", "--layer-decay", "-0.5"], "--layer-decay -0.5"),
+    (["finetune", "--layer-decay", "1.5"], "--layer-decay 1.5"),
+    (["finetune", "--unfreeze-schedule", "blocks:3@4,blocks:5@2"], "'blocks:5@2': epochs must be strictly increasing"),
+    (["finetune", "--unfreeze-schedule", "blocks:1@2,some@4"], "'some@4': 'some' is not"),
+    (["finetune", "--unfreeze", "blocks:2", "--unfreeze-schedule", "blocks:1@2"], "blocks:1 does not unfreeze more"),
     # finetune: data
     (["finetune", "--dataset", "cifar11"], "did you mean 'cifar10'"),
     (["finetune", "--dataset", "folder:/no/such/folder"], "/no/such/folder"),

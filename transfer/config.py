@@ -70,9 +70,22 @@ class ModelConfig:
                        "presets: default, seeds, linear, mlp")
     unfreeze: str = option("0", "0 (head only) | N (top N backbone layers) | blocks:N (top N blocks, layers above) "
                            "| all")
+    unfreeze_schedule: str = option("", "unfreeze more while fine-tuning: SPEC@E,... (e.g. blocks:1@2,blocks:3@4,"
+                                    "all@8: after E fine-tuning epochs SPEC applies, recompiled; epochs strictly "
+                                    "increasing, each step unfreezing more than --unfreeze and the step before)",
+                                    metavar="SPEC@E,...", default_text="none")
+    layer_decay: float = option(1.0, "layer-wise learning-rate decay in (0, 1]: while fine-tuning, the head and the "
+                                "top backbone block train at the full rate, each block below at F times the rate of "
+                                "the block above, the stem at the lowest block's rate; 1 = off", metavar="F")
 
     def __post_init__(self):
         check_bounds(self)
+        if isinstance(self.layer_decay, bool) or not isinstance(self.layer_decay, int | float) \
+                or not 0 < self.layer_decay <= 1:
+            raise UserError(f"invalid --layer-decay {self.layer_decay} (must be in (0, 1]; 1 = off)")
+        from transfer.freezing import parse_schedule
+
+        parse_schedule(self.unfreeze_schedule, self.unfreeze)
 
 
 @dataclass(frozen=True)

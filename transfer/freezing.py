@@ -155,3 +155,106 @@ def freeze_batchnorm(model) -> int:
             frozen += 1
         stack.extend(getattr(layer, "layers", []))
     return frozen
+
+
+SCHEDULE_FLAG = "--unfreeze-schedule"
+
+
+@dataclass(frozen=True)
+class ScheduleStep:
+    """One ``SPEC@E`` step of ``--unfreeze-schedule``: after ``epoch`` fine-tuning epochs, ``unfreeze`` applies."""
+
+    epoch: int
+    unfreeze: Unfreeze
+
+    @property
+    def text(self) -> str:
+        return f"{self.unfreeze.text}@{self.epoch}"
+
+
+def _unfreezes_more(before: Unfreeze, after: Unfreeze) -> bool | None:
+    """Whether ``after`` trains strictly more than ``before``; None when only the built backbone can tell
+    (a layer count against a block count)."""
+    if before.all:
+        return False
+    if after.all or before.frozen_backbone:
+        return True
+    if before.blocks is not None and after.blocks is not None:
+        return after.blocks > before.blocks
+    if before.blocks is None and after.blocks is None:
+        return after.count > before.count
+    return None
+
+
+def parse_schedule(text: str, start: str | int = "0") -> tuple[ScheduleStep, ...]:
+    """Parse ``SPEC@E,SPEC@E,...`` (e.g. ``blocks:1@2,blocks:3@4,all@8``; E counts fine-tuning epochs done before
+    the step, strictly increasing, >= 1); every step must unfreeze more than the one before (the first more than
+    ``start``, the ``--unfreeze`` value). Anything else is a one-line :class:`UserError` naming the bad part."""
+    text = str(text or "").strip().lower()
+    if not text:
+        return ()
+    steps: list[ScheduleStep] = []
+    before = parse_unfreeze(start)
+    for part in (p.strip() for p in text.split(",")):
+        spec, at, epoch = part.rpartition("@")
+        if not at or not spec.strip():
+            raise UserError(f"{SCHEDULE_FLAG} '{part}': each step is SPEC@EPOCH, e.g. blocks:1@2,all@8")
+        if not epoch.strip().isdecimal() or int(epoch) < 1:
+            raise UserError(f"{SCHEDULE_FLAG} '{part}': the epoch after @ must be a whole number >= 1 "
+                            "(fine-tuning epochs done before the step)")
+        try:
+            unfreeze = parse_unfreeze(spec)
+        except UserError:
+            raise UserError(f"{SCHEDULE_FLAG} '{part}': '{spec.strip()}' is not a positive number of layers, "
+                            "blocks:N or all") from None
+        epoch = int(epoch)
+        if steps and epoch <= steps[-1].epoch:
+            raise UserError(f"{SCHEDULE_FLAG} '{part}': epochs must be strictly increasing "
+                            f"(it follows '{steps[-1].text}')")
+        if _unfreezes_more(before, unfreeze) is False:
+            raise UserError(f"{SCHEDULE_FLAG} '{part}': {unfreeze.text} does not unfreeze more than "
+                            f"{before.text}; a schedule only ever unfreezes more")
+        steps.append(ScheduleStep(epoch, unfreeze))
+        before = unfreeze
+    return tuple(steps)
+
+
+def check_resolved_schedule(start: Unfreeze, steps) -> None:
+    """After ``blocks:N`` became layer counts on the built backbone: each step still unfreezes strictly more."""
+    before = start
+    for step in steps:
+        after = step.unfreeze
+        if before.all or (not after.all and (after.count or 0) <= (before.count or 0)):
+            layers = {u: "all" if u.all else u.count for u in (before, after)}
+            raise UserError(f"{SCHEDULE_FLAG} '{step.text}': {after.text} ({layers[after]} layers) does not "
+                            f"unfreeze more than {before.text} ({layers[before]} layers) on this backbone")
+        before = after
+
+
+def block_lr_factors(backbone, block_of: Callable[[str], str | None] | None,
+                     decay: float) -> tuple[dict[str, float], dict[str, float], dict[str, str | None]]:
+    """``--layer-decay``: the learning-rate factor of every backbone layer (by name), of every block (top block
+    first), and the block every layer counts in (None above the top block).
+
+    The top block (and the layers above it) trains at the full rate, the block below at ``decay``, the next at
+    ``decay**2``... A layer outside any block belongs to the block above it as ``blocks:N`` counts them (a block
+    runs from after the previous block's last layer to its own last layer), so the stem takes the lowest block's
+    rate. Without known blocks every layer keeps the full rate.
+    """
+    layers = backbone_layers(backbone)
+    last: dict[str, int] = {}
+    for index, layer in enumerate(layers):
+        block = block_of(layer.name) if block_of else None
+        if block is not None:
+            last[block] = index
+    order = sorted(last, key=last.get)  # bottom to top
+    per_block = {block: decay ** (len(order) - 1 - i) for i, block in reversed(list(enumerate(order)))}
+    per_layer: dict[str, float] = {}
+    member: dict[str, str | None] = {}
+    pointer = 0
+    for index, layer in enumerate(layers):
+        while pointer < len(order) and last[order[pointer]] < index:
+            pointer += 1
+        member[layer.name] = order[pointer] if pointer < len(order) else None
+        per_layer[layer.name] = per_block[order[pointer]] if pointer < len(order) else 1.0
+    return per_layer, per_block, member

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from transfer import rundir
 from transfer.config import ModelConfig
+from transfer.errors import UserError
 
 
 @dataclass
@@ -30,6 +31,9 @@ class BuiltRun:
     described: dict
     unfreeze: object  # transfer.freezing.Unfreeze
     set_trainable: Callable | None = None
+    schedule: tuple = ()  # --unfreeze-schedule steps (transfer.freezing.ScheduleStep), blocks:N resolved
+    lr_factors: Callable | None = None  # --layer-decay: () -> ({id(variable): factor}, {block: factor},
+    #                                                          {layer name: its block or None above the top block})
 
 
 @dataclass
@@ -45,7 +49,7 @@ class ModelRecipe:
 def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> ModelRecipe:
     """Validate a fine-tuning model config cheaply (no TensorFlow yet) and return its resolved recipe."""
     from transfer.backbones import get_backbone, weights_run
-    from transfer.freezing import parse_unfreeze
+    from transfer.freezing import ScheduleStep, parse_schedule, parse_unfreeze
     from transfer.heads import parse_head
 
     spec = get_backbone(model_cfg.backbone)
@@ -53,8 +57,14 @@ def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> Mode
     unfreeze = parse_unfreeze(model_cfg.unfreeze)
     size = spec.resolve_size(model_cfg.image_size)
     spec.check_unfreeze(unfreeze)
+    schedule = parse_schedule(model_cfg.unfreeze_schedule, unfreeze.text)
+    for step in schedule:
+        spec.check_unfreeze(step.unfreeze)
     spec.check_weights(model_cfg.weights)
-    model_cfg = dataclasses.replace(model_cfg, image_size=size, head=head.text, unfreeze=unfreeze.text)
+    model_cfg = dataclasses.replace(model_cfg, image_size=size, head=head.text, unfreeze=unfreeze.text,
+                                    unfreeze_schedule=",".join(step.text for step in schedule),
+                                    layer_decay=float(model_cfg.layer_decay))
+    decay = model_cfg.layer_decay
 
     def build(dataset):
         from transfer.model import build_model
@@ -62,6 +72,23 @@ def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> Mode
         built = build_model(spec, input_shape=dataset.native_shape, num_classes=len(dataset.classes), head=head,
                             image_size=size, weights=model_cfg.weights)
         resolved = spec.resolve_unfreeze(built.backbone, unfreeze)
+        from transfer.freezing import backbone_layers, block_lr_factors, check_resolved_schedule
+
+        steps = tuple(ScheduleStep(step.epoch, spec.resolve_unfreeze(built.backbone, step.unfreeze))
+                      for step in schedule)
+        check_resolved_schedule(resolved, steps)
+        lr_factors = None
+        if decay != 1.0:
+            per_layer, per_block, member = block_lr_factors(built.backbone, spec.block_of, decay)
+            if not per_block:
+                raise UserError(f"--layer-decay {decay:g}: no blocks are known for {spec.name}; use --layer-decay 1")
+            by_variable = {id(w): per_layer[layer.name] for layer in backbone_layers(built.backbone)
+                           for w in layer.weights}
+
+            def decay_factors():
+                return by_variable, per_block, member
+
+            lr_factors = decay_factors
         described = {
             "backbone": spec.name,
             "batchnorm": "frozen (inference mode)" if built.pretrained else "trainable (from scratch)",
@@ -84,9 +111,21 @@ def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> Mode
         if unfreeze.frozen_backbone and not built.pretrained:
             print("warning: --weights none with --unfreeze 0 trains a head on a random, frozen backbone; "
                   "use --unfreeze all to train it from scratch", file=sys.stderr)
-        return BuiltRun(built.model, described, unfreeze=resolved, set_trainable=built.set_trainable)
+        if schedule:
+            described["unfreeze_schedule"] = [{"epoch": step.epoch, "unfreeze": step.unfreeze.text,
+                                               "layers": None if step.unfreeze.all else step.unfreeze.count}
+                                              for step in steps]
+        if lr_factors is not None:
+            described["layer_decay"] = decay
+        return BuiltRun(built.model, described, unfreeze=resolved, set_trainable=built.set_trainable,
+                        schedule=steps, lr_factors=lr_factors)
 
-    name = default_run_name(spec.name, dataset, seed, f"{size}px", f"u{unfreeze.text}")
+    parts = [f"{size}px", f"u{unfreeze.text}"]
+    if schedule:  # a schedule or a decay changes what trains: its own default name ("blocks:1@2" -> "b1at2")
+        parts.append("us" + "-".join(step.text.replace("blocks:", "b").replace("@", "at") for step in schedule))
+    if decay != 1.0:
+        parts.append(f"ld{decay:g}")
+    name = default_run_name(spec.name, dataset, seed, *parts)
     return ModelRecipe("finetune", build, name, model_cfg)
 
 

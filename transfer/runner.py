@@ -68,6 +68,11 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
     config["train"].pop("jit_compile")  # nor is how the training step is compiled (manifest "precision" records it)
     if train_cfg.precision == precision.FLOAT32:  # float32 runs keep the identity they had before --precision
         config["train"].pop("precision")
+    model_part = config.get("model", {})
+    if model_part.get("unfreeze_schedule", None) == "":  # runs without a schedule or layer decay keep their identity
+        model_part.pop("unfreeze_schedule")
+    if model_part.get("layer_decay", None) == 1.0:
+        model_part.pop("layer_decay")
 
     t0 = time.perf_counter()
     # A folder is decoded at the size the model takes (a backbone's resolved --image-size), so that size becomes the
@@ -135,7 +140,8 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
     num_classes = len(dataset.classes)
     result = train(model, built.set_trainable, train_ds=train_ds, val_ds=val_ds, steps_per_epoch=steps,
                    num_classes=num_classes, cfg=train_cfg, unfreeze=built.unfreeze,
-                   run_path=run_path, strategy=strategy, writer=chief)
+                   run_path=run_path, strategy=strategy, writer=chief, schedule=built.schedule,
+                   lr_factors=built.lr_factors)
 
     from transfer.freezing import count_params, freeze_batchnorm
 

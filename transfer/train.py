@@ -41,13 +41,24 @@ class Phase:
     unfreeze: Unfreeze
 
 
-def plan_phases(cfg: TrainConfig, unfreeze: Unfreeze, has_backbone: bool = True) -> list[Phase]:
+def plan_phases(cfg: TrainConfig, unfreeze: Unfreeze, has_backbone: bool = True, schedule=()) -> list[Phase]:
     """A frozen backbone trains the head for ``epochs``; otherwise ``head_epochs`` then ``epochs`` fine-tuning.
 
     Without a backbone (a model trained from scratch) there is one phase: every layer trains for ``epochs`` at ``lr``.
+    An ``--unfreeze-schedule`` (:class:`transfer.freezing.ScheduleStep` s, resolved) splits the fine-tuning epochs:
+    ``fine-tune`` with ``unfreeze`` until the first step, then one phase ``fine-tune@E`` per step from fine-tuning
+    epoch E on (each recompiled with a fresh optimizer; steps past the last epoch never start).
     """
     if not has_backbone:
         return [Phase("train", 0, cfg.epochs, cfg.lr, Unfreeze(None, "all"))] if cfg.epochs else []
+    if schedule:
+        phases = [Phase("head", 0, cfg.head_epochs, cfg.lr, Unfreeze(0, "0"))]
+        start, end = cfg.head_epochs, cfg.head_epochs + cfg.epochs
+        steps = [(0, unfreeze, "fine-tune"), *((s.epoch, s.unfreeze, f"fine-tune@{s.epoch}") for s in schedule)]
+        for (epoch, setting, name), (following, _, _) in zip(steps, [*steps[1:], (cfg.epochs, None, None)],
+                                                            strict=True):
+            phases.append(Phase(name, start + epoch, min(start + following, end), cfg.fine_tune_lr, setting))
+        return [p for p in phases if p.end_epoch > p.start_epoch]
     if unfreeze.frozen_backbone:
         return [Phase("head", 0, cfg.epochs, cfg.lr, unfreeze)]
     phases = []
@@ -57,8 +68,28 @@ def plan_phases(cfg: TrainConfig, unfreeze: Unfreeze, has_backbone: bool = True)
     return [p for p in phases if p.end_epoch > p.start_epoch]
 
 
-def make_optimizer(cfg: TrainConfig, lr: float, total_steps: int):
-    """The optimizer named in ``cfg`` with its learning-rate schedule over ``total_steps``."""
+def with_lr_factors(optimizer_cls, factors: dict[int, float]):
+    """``optimizer_cls`` with a per-variable learning rate: ``update_step`` runs with the (scheduled) rate times
+    ``factors[id(variable)]`` (1 for variables not named), so Adam, SGD with momentum, RMSprop... all move a variable
+    exactly as they would at that variable's own rate (``--layer-decay``). The optimizer state is the class's own, so
+    checkpoints save and restore it unchanged. (AdamW's decoupled weight decay keeps the full rate.)"""
+
+    class PerVariableRate(optimizer_cls):
+        def build(self, variables):
+            super().build(variables)
+            self._lr_factors = [float(factors.get(id(v), 1.0)) for v in variables]
+
+        def update_step(self, gradient, variable, learning_rate):
+            factor = self._lr_factors[self._get_variable_index(variable)]
+            return super().update_step(gradient, variable, learning_rate if factor == 1.0 else learning_rate * factor)
+
+    PerVariableRate.__name__ = PerVariableRate.__qualname__ = f"LayerDecay{optimizer_cls.__name__}"
+    return PerVariableRate
+
+
+def make_optimizer(cfg: TrainConfig, lr: float, total_steps: int, lr_factors: dict[int, float] | None = None):
+    """The optimizer named in ``cfg`` with its learning-rate schedule over ``total_steps``; ``lr_factors``
+    (``id(variable) -> factor``) scales the rate per variable (:func:`with_lr_factors`)."""
     schedules = {
         "constant": lambda: lr,
         "cosine": lambda: keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(total_steps, 1)),
@@ -66,16 +97,20 @@ def make_optimizer(cfg: TrainConfig, lr: float, total_steps: int):
             lr, decay_steps=max(total_steps // 10, 1), decay_rate=0.8
         ),
     }
+    def cls(base):
+        return with_lr_factors(base, lr_factors) if lr_factors else base
+
     optimizers = {
-        "adam": lambda rate: keras.optimizers.Adam(rate),
-        "adamw": lambda rate: keras.optimizers.AdamW(rate),
-        "sgd": lambda rate: keras.optimizers.SGD(rate, momentum=0.9),
-        "rmsprop": lambda rate: keras.optimizers.RMSprop(rate),
+        "adam": lambda rate: cls(keras.optimizers.Adam)(rate),
+        "adamw": lambda rate: cls(keras.optimizers.AdamW)(rate),
+        "sgd": lambda rate: cls(keras.optimizers.SGD)(rate, momentum=0.9),
+        "rmsprop": lambda rate: cls(keras.optimizers.RMSprop)(rate),
     }
     return optimizers[cfg.optimizer](schedules[cfg.schedule]())
 
 
-def compile_model(model, cfg: TrainConfig, lr: float, total_steps: int, num_classes: int) -> None:
+def compile_model(model, cfg: TrainConfig, lr: float, total_steps: int, num_classes: int,
+                  lr_factors: dict[int, float] | None = None) -> None:
     """Compile with one-hot cross-entropy (so label smoothing works) and accuracy/top-5 metrics.
 
     ``--jit-compile`` asks for XLA (``jit_compile=True``); a model Keras cannot XLA-compile is refused in one line.
@@ -86,7 +121,7 @@ def compile_model(model, cfg: TrainConfig, lr: float, total_steps: int, num_clas
     if num_classes >= 5:
         metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
     model.compile(
-        optimizer=make_optimizer(cfg, lr, total_steps),
+        optimizer=make_optimizer(cfg, lr, total_steps, lr_factors),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=metrics,
         jit_compile=True if cfg.jit_compile else "auto",
@@ -229,8 +264,11 @@ def read_history(path: Path) -> list[dict]:
     return out
 
 
-def describe_trainable(model, has_backbone: bool, trainable_layers: list[str], phase: Phase) -> dict:
-    """Trainable layers and parameter counts after a phase's freezing, printed and returned."""
+def describe_trainable(model, has_backbone: bool, trainable_layers: list[str], phase: Phase,
+                       decay: tuple | None = None) -> dict:
+    """Trainable layers and parameter counts after a phase's freezing, printed and returned; with ``--layer-decay``
+    (``decay``: ``({block: factor}`` top block first``, {layer name: block})``) also the learning rate of every block
+    that trains (``lr_per_block``, top first; layers outside a block count in the block above them)."""
     trainable = count_params(model.trainable_weights)
     total = count_params(model.weights)
     shown = trainable_layers if len(trainable_layers) <= 8 else [*trainable_layers[:3], "...", *trainable_layers[-3:]]
@@ -241,13 +279,31 @@ def describe_trainable(model, has_backbone: bool, trainable_layers: list[str], p
         + (f" [{', '.join(shown)}]" if shown else "")
         + f"; trainable params {trainable:,} / {total:,}"
     )
-    return {
+    record = {
         "phase": phase.name,
+        "start_epoch": phase.start_epoch,
+        "end_epoch": phase.end_epoch,
+        "unfreeze": phase.unfreeze.text,
+        "lr": phase.lr,
+        "trainable_layer_count": len(trainable_layers),
         "trainable_backbone_layers": trainable_layers,
         "trainable_params": trainable,
         "total_params": total,
         "non_trainable_params": total - trainable,
     }
+    if decay:
+        per_block, member = decay
+        counts: dict[str | None, int] = {}
+        for name in trainable_layers:
+            counts[member.get(name)] = counts.get(member.get(name), 0) + 1
+        record["lr_per_block"] = [{"block": "(head and above the top block)", "lr": phase.lr,
+                                   "trainable_layers": counts.get(None, 0)}]
+        record["lr_per_block"] += [{"block": block, "lr": phase.lr * factor, "trainable_layers": counts[block]}
+                                   for block, factor in per_block.items() if counts.get(block)]
+        low = record["lr_per_block"][-1]
+        print(f"  layer decay: lr {phase.lr:g} at the top, {low['lr']:.3g} at {low['block']} "
+              f"({len(record['lr_per_block']) - 1} blocks training)")
+    return record
 
 
 @dataclass
@@ -269,13 +325,18 @@ def _restore_best(model, ckpt_dir: Path, memory: dict) -> None:
 
 def train(model, set_trainable: Callable[[Unfreeze], list[str]] | None, *, train_ds, val_ds, steps_per_epoch: int,
           num_classes: int, cfg: TrainConfig, unfreeze: Unfreeze, run_path: Path, strategy=None,
-          writer: bool = True) -> TrainResult:
+          writer: bool = True, schedule=(),
+          lr_factors: Callable[[], tuple[dict[int, float], dict[str, float]]] | None = None) -> TrainResult:
     """Run (or resume) the planned phases; on return ``model`` holds the best weights seen.
 
     ``set_trainable(unfreeze)`` applies a phase's unfreeze setting to the model's backbone and returns the names of
     its trainable layers (:attr:`transfer.recipes.BuiltRun.set_trainable`); None means a model without a backbone:
     one phase in which every layer trains. ``strategy`` is the tf.distribute strategy the model was built under
     (compiling happens in its scope); only the ``writer`` process writes checkpoints and history.
+    ``schedule`` (resolved ``--unfreeze-schedule`` steps) splits fine-tuning into phases (:func:`plan_phases`);
+    ``lr_factors() -> ({id(variable): factor}, {block: factor}, {layer: block})`` is ``--layer-decay``'s
+    per-variable rate (:attr:`transfer.recipes.BuiltRun.lr_factors`), applied
+    in every phase that trains backbone layers.
     """
     import contextlib
 
@@ -296,7 +357,8 @@ def train(model, set_trainable: Callable[[Unfreeze], list[str]] | None, *, train
         _truncate_history(history_path, state["epoch"])
     verbose = 1 if sys.stdout.isatty() else 2
     has_backbone = set_trainable is not None
-    phases = plan_phases(cfg, unfreeze, has_backbone=has_backbone)
+    phases = plan_phases(cfg, unfreeze, has_backbone=has_backbone, schedule=schedule)
+    var_factors, *decay = lr_factors() if lr_factors is not None else (None,)
     records = []
     memory: dict = {}
     for phase in phases:
@@ -305,13 +367,15 @@ def train(model, set_trainable: Callable[[Unfreeze], list[str]] | None, *, train
                 trainable_layers = set_trainable(phase.unfreeze)
             else:  # no backbone: every layer built trainable trains (fixed preprocessing weights stay fixed)
                 trainable_layers = [layer.name for layer in model.layers if layer.trainable_weights]
+            decayed = var_factors if has_backbone and trainable_layers else None
             compile_model(model, cfg, phase.lr, steps_per_epoch * (phase.end_epoch - phase.start_epoch),
-                          num_classes)
+                          num_classes, lr_factors=decayed)
             if strategy is not None:
                 from transfer.distribute import patch_keras_for_multi_worker
 
                 patch_keras_for_multi_worker(model, strategy)
-            records.append(describe_trainable(model, has_backbone, trainable_layers, phase))
+            records.append(describe_trainable(model, has_backbone, trainable_layers, phase,
+                                              tuple(decay) if decayed else None))
             if state["epoch"] >= phase.end_epoch or (state.get("phase_done") == phase.name):
                 continue
             initial = max(state["epoch"], phase.start_epoch)
