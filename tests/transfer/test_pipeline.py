@@ -119,7 +119,7 @@ def test_pipeline_settings_resolve_once_from_the_file_and_the_flags(tmp_path):
     config = tmp_path / "p.toml"
     config.write_text(TINY)
     args = argparse.Namespace(config=str(config), artifacts=str(tmp_path), name="renamed", strategy="auto",
-                              formats=None, quantize=None, port=None)
+                              formats=None, quantize=None, port=None, rank_by=None)
     settings, exporting, benching = resolve(args)
     assert settings.top.name == "renamed" and settings.top.artifacts == str(tmp_path) and settings.top.latency_runs == 3
     assert settings.train.epochs == 1 and settings.train.batch_size == 32 and settings.train.tensorboard is False
