@@ -204,6 +204,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="server --threads (default auto)")
     parser.add_argument("--streams", type=int, default=0, help="server --streams (default auto)")
     parser.add_argument("--workers", type=int, default=1, help="server --workers (processes sharing the port)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
+                        help="server --precision; the raw baseline runs the same artifact")
     parser.add_argument("--image-format", default="png", choices=("png", "jpeg"), help="how the requests' images are "
                         "encoded (default png)")
     args = parser.parse_args()
@@ -218,7 +220,8 @@ def main() -> int:
                                   baseline="fashion-mnist-cnn")
     export = ExportDir.open(export_dir)
     cores = available_cores()
-    all_threads, one_thread = OnnxModel(export, threads=cores), OnnxModel(export, threads=1)
+    all_threads = OnnxModel(export, threads=cores, precision=args.precision)
+    one_thread = OnnxModel(export, threads=1, precision=args.precision)
     blobs = _images(64, export.size, args.image_format)
     probs = all_threads.run(decode_all(blobs, export.size, 10**8))
     expected = [(export.classes[int(p.argmax())], float(p.max())) for p in probs]
@@ -234,7 +237,7 @@ def main() -> int:
     cmd = [sys.executable, "-m", "serve", str(export_dir), "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(args.max_batch), "--batch-timeout-ms", str(args.batch_timeout_ms),
            "--threads", str(args.threads), "--streams", str(args.streams), "--workers", str(args.workers),
-           "--log-level", "warning"]
+           "--precision", args.precision, "--log-level", "warning"]
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         from serve.client import ServeClient
