@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.contract import LABELS, MANIFEST, NAME_PATTERN, SECTION, ExportDir, sha256_of
+from export.formats import FORMATS
 from serve.engine import Batcher
 from serve.model import SERVED_FORMAT, OnnxModel
 from serve.oip import VERSION
@@ -54,7 +55,8 @@ class Found:
 
 def fingerprint(folder: Path) -> tuple:
     """What changes when an export is replaced: the folder's inode (a swapped-in export is a new directory), the
-    manifest's sha256 and the inode, size and mtime of labels.txt and of the served artifact. Never raises."""
+    manifest's sha256 and the inode, size and mtime of labels.txt and of every artifact the manifest lists (whichever
+    ``--precision`` serves: model.onnx or its int8 variant). Never raises."""
     parts: list = []
     try:
         parts.append(folder.stat().st_ino)
@@ -62,14 +64,15 @@ def fingerprint(folder: Path) -> tuple:
     except OSError:
         raw = b""
     parts.append(hashlib.sha256(raw).hexdigest())
-    artifact = "model.onnx"
+    artifacts = []
     try:
-        listed = json.loads(raw)[SECTION]["formats"][SERVED_FORMAT]["file"]
-        if isinstance(listed, str) and listed:
-            artifact = listed
-    except (ValueError, KeyError, TypeError):
+        for entry in json.loads(raw)[SECTION]["formats"].values():
+            listed = entry.get("file") if isinstance(entry, dict) else None
+            if isinstance(listed, str) and listed and listed not in artifacts:
+                artifacts.append(listed)
+    except (ValueError, KeyError, TypeError, AttributeError):
         pass
-    for name in (LABELS, artifact):
+    for name in (LABELS, *(artifacts or [FORMATS[SERVED_FORMAT].file])):
         try:
             st = (folder / name).stat()
             parts.append((name, st.st_ino, st.st_size, st.st_mtime_ns))

@@ -257,3 +257,25 @@ def test_numbered_versions_serve_the_highest_as_latest_and_each_by_number(export
 def test_the_poll_interval_is_checked(export_dir, value):
     with pytest.raises(UserError, match="repo-poll-s"):
         Settings(model_repo=str(export_dir), repo_poll_s=value)
+
+
+def test_the_fingerprint_follows_every_listed_artifact(tmp_path):
+    """Whichever --precision serves, an artifact replaced in place (manifest unchanged) is noticed."""
+    import json as _json
+
+    from serve.repo import fingerprint
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(_json.dumps({"export": {"formats": {
+        "onnx": {"file": "model.onnx"}, "onnx_int8": {"file": "model_int8.onnx"}}}}))
+    for name in ("labels.txt", "model.onnx", "model_int8.onnx"):
+        (folder / name).write_bytes(b"x")
+    before = fingerprint(folder)
+    (folder / "model_int8.onnx").write_bytes(b"xy")
+    after_int8 = fingerprint(folder)
+    assert after_int8 != before
+    (folder / "model.onnx").write_bytes(b"xyz")
+    assert fingerprint(folder) != after_int8
+    (folder / "manifest.json").write_text("not json")  # never raises
+    assert fingerprint(folder)
