@@ -160,8 +160,11 @@ def cmd_evaluate(args) -> int:
 
     evaluation = reevaluate(Path(args.run_dir), split=args.split, trust_hub=args.trust_hub)
     top5 = evaluation.get("top5_accuracy")
-    print(f"{args.split} accuracy {evaluation['accuracy']:.4f}" + (f", top-5 {top5:.4f}" if top5 is not None else "")
-          + f" on {evaluation['samples']} images")
+    extra = [f"{label} {evaluation[key]:.4f}" for key, label in (("balanced_accuracy", "balanced accuracy"),
+                                                                  ("macro_f1", "macro-F1"))
+             if evaluation.get(key) is not None]
+    print(f"{args.split} accuracy {evaluation['accuracy']:.4f}" + "".join(f", {e}" for e in extra)
+          + (f", top-5 {top5:.4f}" if top5 is not None else "") + f" on {evaluation['samples']} images")
     return 0
 
 

@@ -105,7 +105,9 @@ def test_rerunning_a_complete_run_trains_nothing_and_evaluate_agrees(vgg_run, ca
     assert (run / "model.keras").stat().st_mtime_ns == stamp
     before = json.loads((run / "evaluation.json").read_text())
     assert main(["evaluate", str(run)]) == 0
-    assert f"test accuracy {before['accuracy']:.4f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"test accuracy {before['accuracy']:.4f}" in out
+    assert f"balanced accuracy {before['balanced_accuracy']:.4f}, macro-F1 {before['macro_f1']:.4f}" in out
     # a different config under the same name is refused, nothing is touched
     assert _run(tmp_path, *args[:-1], "v", "--lr", "0.5") == 2
     assert "different config (train.lr: 0.001 -> 0.5)" in capsys.readouterr().err
