@@ -48,19 +48,12 @@ class HeadSpec:
         import keras
 
         x = features
-        if len(x.shape) == 4:
-            pool = {
-                "gap": keras.layers.GlobalAveragePooling2D,
-                "max": keras.layers.GlobalMaxPooling2D,
-                "flatten": keras.layers.Flatten,
-            }[self.pooling]
-            x = pool(name=f"head_{self.pooling}")(x)
-        elif len(x.shape) == 3:  # tokens (a vision transformer's sequence): pooled over the sequence
-            pool = {
-                "gap": keras.layers.GlobalAveragePooling1D,
-                "max": keras.layers.GlobalMaxPooling1D,
-                "flatten": keras.layers.Flatten,
-            }[self.pooling]
+        # by the rank of the features: a feature map (N, H, W, C), or tokens (N, T, C) of a vision transformer,
+        # pooled over the sequence; anything else is already a vector
+        pooling = {4: {"gap": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D},
+                   3: {"gap": keras.layers.GlobalAveragePooling1D, "max": keras.layers.GlobalMaxPooling1D}}
+        if len(x.shape) in pooling:
+            pool = pooling[len(x.shape)].get(self.pooling, keras.layers.Flatten)
             x = pool(name=f"head_{self.pooling}")(x)
         for i, layer in enumerate(self.layers):
             if layer.kind == "dense":
