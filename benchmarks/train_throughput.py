@@ -100,7 +100,7 @@ def _measure(args, variants, sizes, augments) -> list[dict]:
                                     head=parse_head("default"), image_size=size, weights="none")
                 built.set_trainable(parse_unfreeze(unfreeze))
                 compile_model(built.model, train_cfg, 1e-3, steps, len(first.classes))
-                datasets = {name: training_pipelines(data, AugmentConfig(preset=augment), train_cfg)[0].repeat()
+                datasets = {name: training_pipelines(data, AugmentConfig(preset=augment), train_cfg)[0](0)
                             for name, data in inputs.items()}
                 x, y = next(iter(next(iter(datasets.values()))))
                 datasets[COMPUTE] = tf.data.Dataset.from_tensors((tf.identity(x), tf.identity(y))).repeat()

@@ -131,12 +131,13 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
         # Replicas need equal shares of every batch: validation repeats a few samples to fill its last batch,
         # training drops its last partial batch (reshuffled every epoch), the test evaluation pads and trims.
         padded = dataclasses.replace(dataset, val=pad_to_batches(dataset.val, train_cfg.batch_size))
-    train_ds, val_ds, steps = training_pipelines(padded if replicas > 1 else dataset, augment_cfg, train_cfg,
-                                                 class_weights=weights)
-    if replicas > 1:
-        train_ds = train_ds.rebatch(train_cfg.batch_size, drop_remainder=True)
-        steps = len(dataset.train.y) // train_cfg.batch_size
-    train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
+    train_stream, val_ds, steps = training_pipelines(padded if replicas > 1 else dataset, augment_cfg, train_cfg,
+                                                     class_weights=weights, replicas=replicas)
+    val_ds = shard_by_data(val_ds)
+
+    def train_ds(first_epoch: int):
+        return shard_by_data(train_stream(first_epoch))
+
     num_classes = len(dataset.classes)
     result = train(model, built.set_trainable, train_ds=train_ds, val_ds=val_ds, steps_per_epoch=steps,
                    num_classes=num_classes, cfg=train_cfg, unfreeze=built.unfreeze,
@@ -254,26 +255,44 @@ def _gradcam_plot(model, dataset, out: Path, title: str) -> None:
         print(f"note: no {GRADCAM_PLOT} ({type(exc).__name__}: {str(exc).strip()[:200]})")
 
 
-def training_pipelines(dataset, augment_cfg, train_cfg: TrainConfig, class_weights=None):
-    """The train and validation tf.data pipelines of a run (labels one-hot) and steps per epoch.
+def training_pipelines(dataset, augment_cfg, train_cfg: TrainConfig, class_weights=None, replicas: int = 1):
+    """The training stream factory, the validation pipeline (labels one-hot) and the steps per epoch.
 
-    ``class_weights`` (a :class:`transfer.class_weights.ClassWeights` other than none) adds a per-sample weight to
-    every training batch, the weight of its label: Keras' ``class_weight`` as part of the pipeline, so it works
-    under every strategy (rebatched and sharded alike). Validation stays unweighted.
+    ``train(first_epoch)`` is the endless stream of training batches from that epoch on
+    (:func:`transfer.data.pipeline.training_stream`): every epoch a pure function of (seed, epoch), so a resumed
+    run sees the batches the uninterrupted one would have. ``class_weights`` (a
+    :class:`transfer.class_weights.ClassWeights` other than none) adds a per-sample weight to every training batch,
+    the weight of its label: Keras' ``class_weight`` as part of the pipeline, so it works under every strategy
+    (rebatched and sharded alike). With ``replicas`` > 1 each epoch is rebatched to whole global batches, dropping
+    its last partial one (replicas need equal shares). Validation stays unweighted.
     """
     import tensorflow as tf
 
     from transfer.data import make_pipeline
+    from transfer.data.pipeline import training_stream
 
     num_classes = len(dataset.classes)
-    train_ds = make_pipeline(dataset.train, batch_size=train_cfg.batch_size, training=True,
-                             augment=augment_cfg, seed=train_cfg.seed)
-    val_ds = make_pipeline(dataset.val, batch_size=train_cfg.batch_size, training=False)
-    train_ds, val_ds = (d.map(lambda x, y: (x, tf.one_hot(y, num_classes))) for d in (train_ds, val_ds))
+    table = None
     if class_weights is not None and class_weights.source != "none":
         table = tf.constant(class_weights.vector(dataset.classes), tf.float32)
-        train_ds = train_ds.map(lambda x, y: (x, y, tf.gather(table, tf.argmax(y, axis=-1))))
-    return train_ds, val_ds, -(-len(dataset.train.y) // train_cfg.batch_size)
+
+    def finish(epoch_ds):
+        epoch_ds = epoch_ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+        if table is not None:
+            epoch_ds = epoch_ds.map(lambda x, y: (x, y, tf.gather(table, tf.argmax(y, axis=-1))))
+        if replicas > 1:
+            epoch_ds = epoch_ds.rebatch(train_cfg.batch_size, drop_remainder=True)
+        return epoch_ds
+
+    def train(first_epoch: int = 0):
+        return training_stream(dataset.train, batch_size=train_cfg.batch_size, augment=augment_cfg,
+                               seed=train_cfg.seed, first_epoch=first_epoch, finish=finish)
+
+    val_ds = make_pipeline(dataset.val, batch_size=train_cfg.batch_size, training=False)
+    val_ds = val_ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+    samples = len(dataset.train.y)
+    steps = samples // train_cfg.batch_size if replicas > 1 else -(-samples // train_cfg.batch_size)
+    return train, val_ds, steps
 
 
 def reevaluate(run_path: Path, split: str = "test", *, trust_hub: bool = False) -> dict:

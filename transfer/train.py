@@ -1,8 +1,11 @@
 """Two-phase training (head, then fine-tuning) with early stopping, checkpoints and crash-safe resume.
 
 Resume works at epoch granularity: after every epoch the model and optimizer state go to
-``checkpoints/last.weights.h5`` and then ``checkpoints/state.json`` (both written atomically, state last),
-so a run killed at any moment — even mid-write — restarts from its last completed epoch.
+``checkpoints/last.weights.h5``, the model's random generators (Dropout's...) to ``checkpoints/rng.npz``, and then
+``checkpoints/state.json`` (each written atomically, state last), so a run killed at any moment — even mid-write —
+restarts from its last completed epoch. The training batches of an epoch are a function of (seed, epoch)
+(:func:`transfer.data.pipeline.training_stream`), so the resumed run goes on exactly as the uninterrupted one would
+have: the same history, to the last digit, on the same machine.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from transfer.rundir import HISTORY, read_json, write_json
 STATE = "state.json"
 LAST = "last.weights.h5"
 BEST = "best.weights.npz"
+RNG = "rng.npz"  # the model's SeedGenerator states (not in Keras' weight files)
 HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "top5", "val_loss", "val_accuracy", "val_top5", "lr", "seconds")
 
 
@@ -159,6 +163,30 @@ def load_weights_npz(model, path: Path) -> None:
         model.set_weights([data[f"arr_{i}"] for i in range(len(data.files))])
 
 
+def _generator_states(model) -> list:
+    """The state variables of the model's random generators (Dropout, GaussianNoise...), in layer order: Keras'
+    ``model.variables`` less its weights and optimizer (``save_weights`` leaves them out)."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+def save_generators(model, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, *(np.asarray(v) for v in _generator_states(model)))
+    os.replace(tmp, path)
+
+
+def load_generators(model, path: Path) -> None:
+    states = _generator_states(model)
+    with np.load(path) as data:
+        if len(data.files) != len(states):
+            raise UserError(f"{path}: {len(data.files)} random generator states for a model with {len(states)}; "
+                            "the checkpoint is not this run's (--overwrite to start it again)")
+        for i, variable in enumerate(states):
+            variable.assign(data[f"arr_{i}"])
+
+
 def _current_lr(optimizer) -> float:
     try:
         return float(np.asarray(optimizer.learning_rate))
@@ -213,6 +241,7 @@ class RunCheckpoint(keras.callbacks.Callback):
             tmp = self.ckpt_dir / f"tmp-{LAST}"
             self.model.save_weights(tmp)
             os.replace(tmp, self.ckpt_dir / LAST)
+            save_generators(self.model, self.ckpt_dir / RNG)
             write_json(self.ckpt_dir / STATE, state)
         if state["wait"] >= self.patience:
             print(
@@ -329,11 +358,13 @@ def train(model, set_trainable: Callable[[Unfreeze], list[str]] | None, *, train
           lr_factors: Callable[[], tuple[dict[int, float], dict[str, float]]] | None = None) -> TrainResult:
     """Run (or resume) the planned phases; on return ``model`` holds the best weights seen.
 
-    ``set_trainable(unfreeze)`` applies a phase's unfreeze setting to the model's backbone and returns the names of
-    its trainable layers (:attr:`transfer.recipes.BuiltRun.set_trainable`); None means a model without a backbone:
-    one phase in which every layer trains. ``strategy`` is the tf.distribute strategy the model was built under
-    (compiling happens in its scope); only the ``writer`` process writes checkpoints and history.
-    ``schedule`` (resolved ``--unfreeze-schedule`` steps) splits fine-tuning into phases (:func:`plan_phases`);
+    ``train_ds(first_epoch)`` is the endless stream of training batches from that epoch on, ``steps_per_epoch``
+    batches an epoch (:func:`transfer.runner.training_pipelines`). ``set_trainable(unfreeze)`` applies a phase's
+    unfreeze setting to the model's backbone and returns the names of its trainable layers
+    (:attr:`transfer.recipes.BuiltRun.set_trainable`); None means a model without a backbone: one phase in which
+    every layer trains. ``strategy`` is the tf.distribute strategy the model was built under (compiling happens in
+    its scope); only the ``writer`` process writes checkpoints and history. ``schedule`` (resolved
+    ``--unfreeze-schedule`` steps) splits fine-tuning into phases (:func:`plan_phases`);
     ``lr_factors() -> ({id(variable): factor}, {block: factor}, {layer: block})`` is ``--layer-decay``'s
     per-variable rate (:attr:`transfer.recipes.BuiltRun.lr_factors`), applied
     in every phase that trains backbone layers.
@@ -359,6 +390,9 @@ def train(model, set_trainable: Callable[[Unfreeze], list[str]] | None, *, train
     has_backbone = set_trainable is not None
     phases = plan_phases(cfg, unfreeze, has_backbone=has_backbone, schedule=schedule)
     var_factors, *decay = lr_factors() if lr_factors is not None else (None,)
+    if state["epoch"] and (ckpt_dir / RNG).exists():
+        # Dropout and co. go on from where the checkpointed epoch left their generators (weights come per phase).
+        load_generators(model, ckpt_dir / RNG)
     records = []
     memory: dict = {}
     for phase in phases:
@@ -392,8 +426,8 @@ def train(model, set_trainable: Callable[[Unfreeze], list[str]] | None, *, train
         ]
         if cfg.tensorboard and writer:
             callbacks.append(keras.callbacks.TensorBoard(str(run_path / "logs"), write_graph=False))
-        _fit(model, cfg, x=train_ds, validation_data=val_ds, epochs=phase.end_epoch, initial_epoch=initial,
-             callbacks=callbacks, verbose=verbose, shuffle=False)
+        _fit(model, cfg, x=train_ds(initial), steps_per_epoch=steps_per_epoch, validation_data=val_ds,
+             epochs=phase.end_epoch, initial_epoch=initial, callbacks=callbacks, verbose=verbose, shuffle=False)
         last = memory.get("last_logs", {})
         if last and not math.isfinite(last.get("loss", 0.0)):
             raise UserError(

@@ -169,14 +169,10 @@ def test_schedule_phases_and_resume_after_a_kill_mid_schedule_match_an_uninterru
     resumed = _history(killed / "runs" / "sched")
     assert [r["phase"] for r in resumed] == [r["phase"] for r in history]
     assert [r["lr"] for r in resumed] == [r["lr"] for r in history]  # each phase's optimizer and rate restored
-    for a, b in zip(history, resumed, strict=True):
-        if int(a["epoch"]) <= 3:  # the rows checkpointed before the kill are kept as they were
-            assert [b[c] for c in COLUMNS] == [a[c] for c in COLUMNS]
-        else:
-            # After the resume the weights and optimizer state are the checkpoint's, but the project's resume works at
-            # epoch granularity: tf.data's reshuffle order and Dropout's generator restart in the new process, so the
-            # later epochs are not bitwise those of the uninterrupted run (on this nearly untrained model, close).
-            assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=0.1), a["epoch"]
+    # Every row, to the last digit, those trained after the resume included: the weights, the optimizer state and
+    # Dropout's generator come from the checkpoint, and epoch e's batches and augmentations are a function of
+    # (seed, e) alone (the finetune default augments: "light").
+    assert [[r[c] for c in COLUMNS] for r in resumed] == [[r[c] for c in COLUMNS] for r in history]
 
 
 def test_a_layer_count_against_blocks_is_checked_on_the_built_backbone():

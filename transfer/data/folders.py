@@ -153,7 +153,8 @@ def file_decoder(split: FileSplit) -> Callable[[int], tuple[np.ndarray, np.ndarr
     A file that fails to decode is recorded (one warning each) and replaced by the next file of its class that
     decodes, with that file's label (the same class), so a pipeline never stops and keeps its length. With a
     ``--cache`` directory, decoded pixels are kept there as raw files named by the file's content digest and size
-    (written atomically: concurrent runs and a killed run never leave a partial file where it is read).
+    (written atomically: concurrent runs and a killed run never leave a partial file where it is read). With
+    ``--cache memory`` the decoder keeps every image it decoded (this decoder's lifetime: one pipeline's).
     """
     size = split.size
     if size is None:
@@ -165,7 +166,17 @@ def file_decoder(split: FileSplit) -> Callable[[int], tuple[np.ndarray, np.ndarr
     nbytes = size * size * 3
     by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
 
+    kept: dict[int, np.ndarray] | None = {} if split.cache == CACHE_MEMORY else None
+
     def decode_one(i: int) -> np.ndarray:
+        image = None if kept is None else kept.get(i)
+        if image is None:
+            image = read_or_decode(i)
+            if kept is not None:
+                kept[i] = image  # a dict item set is atomic: decoding threads share it without a lock
+        return image
+
+    def read_or_decode(i: int) -> np.ndarray:
         entry = None if cache is None else cache / f"{names[i]}.rgb"
         if entry is not None:
             try:

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from transfer.config import AugmentConfig
-from transfer.data.folders import CACHE_MEMORY, file_decoder
+from transfer.data.folders import file_decoder
 from transfer.errors import UserError
 
 # One row per op, in the order they are applied: (option, layer factory taking the value and a seed).
@@ -48,66 +48,140 @@ def make_pipeline(
     augment: AugmentConfig | None = None,
     seed: int = 0,
     shuffle: bool | None = None,
+    epoch: int | None = None,
 ) -> tf.data.Dataset:
     """A tf.data pipeline of (float32 0..255 NHWC images, int64 labels) batches; the last batch is kept.
 
-    Training: seeded shuffle reshuffled every epoch, batch, augment, prefetch. Evaluation: batch, prefetch, in order
-    and unaugmented. ``shuffle`` overrides the default (on for training only). A split of pixel arrays is cached
-    as uint8 first; a split of files (:class:`transfer.data.folders.FileSplit`) is decoded as it is read (see
-    :func:`_file_elements`).
+    Training: a seeded shuffle, batch, augment, prefetch. Evaluation: batch, prefetch, in order and unaugmented.
+    ``shuffle`` overrides the default (on for training only). ``epoch`` (an int, or a scalar int64 tensor) makes the
+    dataset that one epoch: its order and its augmentations are functions of (``seed``, ``epoch``) alone, so the
+    same epoch is the same batches in any process (:func:`training_stream`, which resume relies on). Without it
+    every pass over the dataset draws a new epoch key from ``seed`` (a new order each pass, seeded).
+    A split of pixel arrays is indexed in place; a split of files (:class:`transfer.data.folders.FileSplit`) is
+    decoded as it is read (see :func:`_epoch_builder`).
+    """
+    one_epoch = _epoch_builder(split, batch_size=batch_size, training=training, augment=augment, seed=seed,
+                               shuffle=shuffle)
+    if epoch is not None:
+        ds = one_epoch(tf.cast(epoch, tf.int64))
+    elif training if shuffle is None else shuffle:
+        keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+        ds = keys.flat_map(lambda key: one_epoch(tf.math.abs(key)))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(-(-len(split) // batch_size)))  # as one epoch's
+    else:
+        ds = one_epoch(tf.constant(0, tf.int64))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def training_stream(
+    split,
+    *,
+    batch_size: int,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+    first_epoch: int = 0,
+    finish: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None,
+) -> tf.data.Dataset:
+    """The training batches of epochs ``first_epoch``, ``first_epoch + 1``, ... one after another, without end.
+
+    Epoch ``e`` is ``make_pipeline(..., training=True, epoch=e)`` then ``finish`` (per-epoch maps such as one-hot
+    labels, or a rebatch that drops the epoch's last partial batch): the stream started at epoch ``e`` is exactly
+    the tail of the one started at 0, which is what lets a killed run resume to the same history as an
+    uninterrupted one. Fit it with ``steps_per_epoch`` (the epoch's batch count): Keras then keeps one iterator
+    across epochs.
+    """
+    one_epoch = _epoch_builder(split, batch_size=batch_size, training=True, augment=augment, seed=seed)
+
+    def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
+        ds = one_epoch(epoch)
+        return ds if finish is None else finish(ds)
+
+    epochs = tf.data.Dataset.range(int(first_epoch), _NO_END)
+    return epochs.flat_map(epoch_batches).prefetch(tf.data.AUTOTUNE)
+
+
+_NO_END = 2**62  # the last epoch a stream counts to: never reached
+_EPOCH_SALT = 0x5EED  # keeps the shuffle's key apart from the augmentation's
+
+
+class _BatchSeed(keras.random.SeedGenerator):
+    """The seed of one augmentation layer on one batch: each draw the layer makes gets its own stateless seed, folded
+    from the batch's key. No state variable: nothing advances, so batches can be augmented in parallel and in any
+    process with the same result (Keras' own generators advance a variable every call, in whatever order threads
+    run them, and restart at their seed in a resumed process)."""
+
+    def __init__(self, key: tf.Tensor):  # not SeedGenerator.__init__: that would create a state variable
+        self._key, self._draws = key, 0
+
+    def next(self, ordered=True):
+        self._draws += 1
+        return tf.random.experimental.stateless_fold_in(self._key, self._draws)
+
+
+def _augment_function(augmenter: keras.Sequential, seed: int) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]:
+    """``augment(images, epoch, batch)``: the augmenter's random layers applied with seeds folded from (``seed``,
+    ``epoch``, ``batch``, layer), then the clip: a pure function of its arguments."""
+    random_layers = [layer for layer in augmenter.layers if not isinstance(layer, _ClipPixels)]
+
+    def augment(images: tf.Tensor, epoch: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
+        key = tf.random.experimental.stateless_fold_in([seed, 0], epoch)
+        key = tf.random.experimental.stateless_fold_in(key, batch)
+        for i, layer in enumerate(random_layers):
+            draws = _BatchSeed(tf.random.experimental.stateless_fold_in(key, i))
+            transformation = layer.get_random_transformation(images, training=True, seed=draws)
+            images = layer.transform_images(images, transformation, training=True)
+        return tf.clip_by_value(images, 0.0, 255.0)
+
+    return augment
+
+
+def _epoch_builder(split, *, batch_size: int, training: bool, augment: AugmentConfig | None = None, seed: int = 0,
+                   shuffle: bool | None = None) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """``one_epoch(epoch) -> tf.data.Dataset``: one epoch's batches, a pure function of (``seed``, ``epoch``).
+
+    The order is a stateless permutation of sample indices keyed by (``seed``, ``epoch``); batches of indices
+    become pixels by a gather from the arrays (a split of arrays: no shuffle buffer, no copy) or by our Pillow
+    decoder, in parallel and in order (a split of files: memory does not grow with the number of files; only
+    the images in flight are decoded, and ``--cache memory`` keeps decoded images in the decoder after their first
+    read). Augmentation is stateless per batch (:func:`_augment_function`), so it runs in parallel too.
+    Everything stateful (layers, the decoder and its cache, the arrays as tensors) is made here, once, outside the
+    per-epoch function that tf.data may trace.
     """
     if batch_size <= 0:
         raise UserError(f"batch_size={batch_size} must be > 0")
     augmenter = build_augmenter(augment, seed) if training and augment is not None else None
+    augment_batch = _augment_function(augmenter, seed) if augmenter is not None else None
     shuffled = training if shuffle is None else shuffle
+    count = len(split)
     if split.streamed:
-        ds = _file_elements(split, shuffled, seed)
+        decode = file_decoder(split)
+        size = split.size
+
+        def load(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            image, label = tf.numpy_function(decode, [index], [tf.uint8, tf.int64], stateful=False)
+            image.set_shape((size, size, 3))
+            label.set_shape(())
+            return image, label
     else:
-        ds = tf.data.Dataset.from_tensor_slices((split.x, split.y.astype(np.int64))).cache()
+        pixels = tf.constant(split.x)
+        labels = tf.constant(split.y.astype(np.int64))
+
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        order = tf.range(count, dtype=tf.int64)
         if shuffled:
-            ds = ds.shuffle(max(len(split), 1), seed=seed, reshuffle_each_iteration=True)
+            key = tf.random.experimental.stateless_fold_in([seed, _EPOCH_SALT], epoch)
+            order = tf.random.experimental.stateless_shuffle(order, seed=key)
+        ds = tf.data.Dataset.from_tensor_slices(order)
+        if split.streamed:
+            # Decoded images queue up (two uint8 batches ahead) so the float conversion and augmentation never wait.
+            ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
+        else:
+            ds = ds.batch(batch_size).map(lambda idx: (tf.gather(pixels, idx), tf.gather(labels, idx)))
 
-    def to_float(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x = tf.cast(x, tf.float32)  # after batching: the cache and shuffle buffer hold uint8
-        return (x if augmenter is None else augmenter(x, training=True)), y
+        def to_float(batch: tf.Tensor, xy: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+            x = tf.cast(xy[0], tf.float32)  # after batching: what is gathered or decoded stays uint8
+            return (x if augment_batch is None else augment_batch(x, epoch, batch)), xy[1]
 
-    # Keras' random layers draw from seed-generator state that every call advances: batches augmented side by side
-    # would advance it in whatever order the threads run, so the same seed gave other augmentations (and another
-    # history) on every run. Augmenting one batch at a time keeps the draws in batch order; prefetch still overlaps
-    # it with training, and each batch's ops use TensorFlow's intra-op threads.
-    parallel = tf.data.AUTOTUNE if augmenter is None else None
-    ds = ds.batch(batch_size)
-    if split.streamed:
-        # Decoded batches queue up before the one-at-a-time augmentation, so it never waits for a batch to be
-        # decoded: two uint8 batches, whatever the number of files.
-        ds = ds.prefetch(2)
-    return ds.map(to_float, num_parallel_calls=parallel).prefetch(tf.data.AUTOTUNE)
+        return ds.enumerate().map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
 
-
-def _file_elements(split, shuffled: bool, seed: int) -> tf.data.Dataset:
-    """(uint8 image, int64 label) elements of a split of files, decoded by our Pillow decoder in parallel.
-
-    Memory does not grow with the number of files: the shuffle buffer holds file indices, not pixels, and only the
-    images in flight are decoded (``--cache memory`` is the exception asked for: decoded images are kept after the
-    first epoch). The order is deterministic (decoding runs in parallel, results come out in order), and the same
-    with or without a cache: with ``memory`` the cache is filled in file order and shuffled after it with the same
-    seed and buffer size, which draws the same permutation. A ``--cache DIR`` is read and written per file by the
-    decoder itself, so it keeps the shuffle over file indices (a tf.data file cache could only be shuffled through a
-    buffer of pixels) and is shared by runs at the same size.
-    """
-    decode = file_decoder(split)
-    size = split.size
-
-    def load(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        image, label = tf.numpy_function(decode, [index], [tf.uint8, tf.int64], stateful=False)
-        image.set_shape((size, size, 3))
-        label.set_shape(())
-        return image, label
-
-    ds = tf.data.Dataset.from_tensor_slices(np.arange(len(split), dtype=np.int64))  # labels come with the pixels
-    if split.cache == CACHE_MEMORY:
-        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
-        return ds.shuffle(max(len(split), 1), seed=seed, reshuffle_each_iteration=True) if shuffled else ds
-    if shuffled:
-        ds = ds.shuffle(max(len(split), 1), seed=seed, reshuffle_each_iteration=True)
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return one_epoch
