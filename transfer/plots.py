@@ -100,16 +100,27 @@ def cell_colours(names: list[str]) -> dict[str, tuple]:
     return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
 
 
+def ranked_metric(rows: list[dict]) -> tuple[str, str, str]:
+    """What a comparison ranks by (``--rank-by``, recorded on its rows by ``annotate``): (row key of the mean, row key
+    of its 95 % interval, axis label)."""
+    from transfer.compare.ranking import METRIC_NAMES, RANK_BY_DEFAULT, metric_key
+
+    rank_by = rows[0].get("rank_by", RANK_BY_DEFAULT) if rows else RANK_BY_DEFAULT
+    return metric_key(rank_by), "rank_ci95", f"test {METRIC_NAMES[rank_by]}"
+
+
 def plot_tradeoff(plt, rows: list[dict], key: str, label: str, path: Path, colours: dict, scale: float = 1.0) -> None:
-    """Accuracy (with its 95 % interval) against a cost; each cell in its colour, named in the legend (labels next to
-    points would overprint), the winners' noise-robust front joined up."""
+    """The ranked metric (accuracy unless ``--rank-by`` said otherwise; with its 95 % interval) against a cost; each
+    cell in its colour, named in the legend (labels next to points would overprint), the winners' noise-robust front
+    joined up."""
     from transfer.compare.ranking import robust_front
 
-    acc = [r["test_accuracy"] * 100 for r in rows]
+    metric, interval, metric_label = ranked_metric(rows)
+    acc = [r[metric] * 100 for r in rows]
     cost = [r[key] * scale for r in rows]
     fig, ax = plt.subplots(figsize=(8, 5))
     for r, x, y in zip(rows, cost, acc, strict=True):
-        low, high = (v * 100 for v in r.get("accuracy_ci95") or (y / 100, y / 100))
+        low, high = (v * 100 for v in r.get(interval) or (y / 100, y / 100))
         ax.errorbar([x], [y], yerr=[[y - low], [high - y]], fmt="o", color=colours[r["cell"]], capsize=3,
                     label=r["cell"] + ("" if r.get("above_chance", True) else " (at chance)"), zorder=2)
     if all("above_chance" in r for r in rows):
@@ -117,7 +128,7 @@ def plot_tradeoff(plt, rows: list[dict], key: str, label: str, path: Path, colou
         ax.plot([cost[i] for i in front], [acc[i] for i in front], color="black", linestyle="--", linewidth=1,
                 zorder=1, label="winners' front")
     ax.set_xlabel(label)
-    ax.set_ylabel("test accuracy (%), 95% interval")
+    ax.set_ylabel(f"{metric_label} (%), 95% interval")
     if len(set(cost)) > 1 and min(cost) > 0 and max(cost) / min(cost) > 20:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
@@ -129,7 +140,8 @@ def plot_tradeoff(plt, rows: list[dict], key: str, label: str, path: Path, colou
 
 def plot_comparison(rows: list[dict], out: Path, names: tuple[str, ...]) -> list[Path]:
     """A comparison's plots, written as ``names`` in ``out``: accuracy vs latency and vs size (the winners' front
-    marked), overlaid learning curves, accuracy bars; one colour per cell throughout."""
+    marked), overlaid learning curves, bars of the ranked metric; one colour per cell throughout. The trade-offs and
+    bars show what the comparison ranks by (``--rank-by``); the learning curves are accuracy, as training logs it."""
     from matplotlib.ticker import MaxNLocator
 
     from transfer.train import read_history
@@ -157,13 +169,14 @@ def plot_comparison(rows: list[dict], out: Path, names: tuple[str, ...]) -> list
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 5))
-    means = [r["test_accuracy"] * 100 for r in rows]
-    several_seeds = any(r.get("test_accuracy_std") is not None for r in rows)
-    errors = [(r.get("test_accuracy_std") or 0) * 100 for r in rows] if several_seeds else None
+    metric, _, metric_label = ranked_metric(rows)
+    means = [r[metric] * 100 for r in rows]
+    several_seeds = any(r.get(f"{metric}_std") is not None for r in rows)
+    errors = [(r.get(f"{metric}_std") or 0) * 100 for r in rows] if several_seeds else None
     ax.bar(range(len(rows)), means, yerr=errors, capsize=4 if several_seeds else 0,
            color=[colours[r["cell"]] for r in rows])
     ax.set_xticks(range(len(rows)), [r["cell"] for r in rows], rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (%)" + (" (mean ± std over seeds)" if several_seeds else " (one seed)"))
+    ax.set_ylabel(f"{metric_label} (%)" + (" (mean ± std over seeds)" if several_seeds else " (one seed)"))
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(out / names[3], dpi=100)
