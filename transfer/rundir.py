@@ -3,7 +3,7 @@
 Layout of ``artifacts/runs/<name>/``::
 
     config.json        effective config, written first (a run dir without manifest.json is incomplete)
-    checkpoints/       last.weights.h5 + state.json (resume), best.weights.npz (best validation accuracy)
+    checkpoints/       last.weights.h5 + rng.npz + state.json (resume), best.weights.npz (best validation accuracy)
     history.csv        one row per completed epoch
     logs/              TensorBoard
     model.keras        the final model (best weights restored)

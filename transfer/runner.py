@@ -226,9 +226,9 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
     rundir.write_json(run_path / rundir.MANIFEST, manifest)
     barrier(strategy)
     if not run_cfg.keep_checkpoints:  # a complete run never resumes: its weight checkpoints are dead weight
-        from transfer.train import BEST, LAST
+        from transfer.train import BEST, LAST, RNG
 
-        for name in (LAST, BEST):
+        for name in (LAST, RNG, BEST):
             (run_path / "checkpoints" / name).unlink(missing_ok=True)
     top5 = evaluation.get("top5_accuracy")
     print(
