@@ -1,5 +1,6 @@
 """Load test of `transfer serve` on loopback: throughput and latency percentiles at several concurrencies against raw
-in-process ONNX Runtime throughput, then a run with malformed requests mixed in (expects zero 5xx).
+in-process ONNX Runtime throughput, then a soak with malformed requests mixed in (expects zero 5xx): 20 % malformed
+bodies, to :classify and to the v2 protocol's infer, the valid ones half :classify and half v2 BYTES requests.
 
     python benchmarks/serve_load.py [--export DIR] [--requests 3000] [--seconds 10] [--workers N] [--image-format png]
 
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -63,13 +65,43 @@ def _images(n: int, size: tuple[int, int], image_format: str = "png") -> list[by
     return out
 
 
+# (route, body, Content-Type): "classify" posts to :classify, "v2" to the Open Inference Protocol's infer
 MALFORMED = [
-    (b"definitely not an image", "image/png"),
-    (b"", "image/png"),
-    (b'{"instances": [{"b64": "***"}]}', "application/json"),
-    (b"{broken json", "application/json"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00", "image/png"),
+    ("classify", b"definitely not an image", "image/png"),
+    ("classify", b"", "image/png"),
+    ("classify", b'{"instances": [{"b64": "***"}]}', "application/json"),
+    ("classify", b"{broken json", "application/json"),
+    ("classify", b"\x89PNG\r\n\x1a\n\x00\x00", "image/png"),
+    ("v2", b"{broken json", "application/json"),
+    ("v2", b'{"inputs": []}', "application/json"),
+    ("v2", b'{"inputs": [{"name": "image", "datatype": "INT32", "shape": [1, 2], "data": [1, 2]}]}',
+     "application/json"),
+    ("v2", b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 2, 2, 3], "data": [0.5]}]}',
+     "application/json"),
+    ("v2", b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["***"]}]}',
+     "application/json"),
+    ("v2", b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
+           b'"data": ["ZGVmaW5pdGVseSBub3Q="]}]}', "application/json"),  # base64 of "definitely not"
 ]
+
+
+def v2_body(blob: bytes, input_name: str) -> bytes:
+    """A v2 infer request of one encoded image (a BYTES tensor, base64 in JSON) asking for the top-1 class."""
+    import base64
+
+    return json.dumps({"inputs": [{"name": input_name, "datatype": "BYTES", "shape": [1],
+                                   "data": [base64.b64encode(blob).decode()]}],
+                       "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}).encode()
+
+
+def _top1(route: str, data: bytes) -> tuple[str, float]:
+    """(label, score) of the first image's best class in a :classify or a v2 classification answer."""
+    answer = json.loads(data)
+    if route == "v2":  # Triton's "score:index:label" string, score as C's %f
+        score, _, label = answer["outputs"][0]["data"][0].split(":", 2)
+        return label, float(score)
+    top = answer["predictions"][0][0]
+    return top["label"], top["score"]
 
 
 def raw_throughput(model: OnnxModel, batch: int, streams: int = 1, seconds: float = 3.0) -> float:
@@ -118,8 +150,12 @@ class Connection:
             self.writer.close()
 
 
-async def load(port: int, path: str, blobs: list[bytes], expected: list[tuple[str, float]], concurrency: int,
-               requests: int, seconds: float, malformed: float = 0.0) -> dict:
+async def load(port: int, paths: dict[str, str], blobs: list[bytes], expected: list[tuple[str, float]],
+               concurrency: int, requests: int, seconds: float, malformed: float = 0.0,
+               v2_bodies: list[bytes] | None = None) -> dict:
+    """One level: ``requests`` requests (at most ``seconds``) from ``concurrency`` keep-alive connections. With
+    ``malformed`` that share of them are MALFORMED bodies; with ``v2_bodies`` every other valid request is the same
+    image as a v2 infer request."""
     rng = np.random.default_rng(concurrency)
     plan = [("bad", int(rng.integers(len(MALFORMED)))) if rng.random() < malformed else ("ok", i % len(blobs))
             for i in range(requests)]
@@ -133,15 +169,20 @@ async def load(port: int, path: str, blobs: list[bytes], expected: list[tuple[st
         try:
             while cursor < len(plan) and time.monotonic() < deadline:
                 kind, i = plan[cursor]
+                route = "v2" if v2_bodies is not None and cursor % 2 else "classify"
                 cursor += 1
-                body, ctype = (blobs[i], "image/png") if kind == "ok" else MALFORMED[i]
+                if kind == "ok":
+                    body, ctype = (v2_bodies[i], "application/json") if route == "v2" else (blobs[i], "image/png")
+                else:
+                    route, body, ctype = MALFORMED[i]
                 t0 = time.perf_counter()
-                status, data = await conn.post(path, body, ctype)
+                status, data = await conn.post(paths[route], body, ctype)
                 statuses[status] = statuses.get(status, 0) + 1
                 if kind == "ok":
                     latencies.append(time.perf_counter() - t0)
-                    top = json.loads(data)["predictions"][0][0] if status == 200 else None
-                    if top is None or top["label"] != expected[i][0] or abs(top["score"] - expected[i][1]) > 1e-5:
+                    label, score = _top1(route, data) if status == 200 else (None, 0.0)
+                    # v2's score is printed with 6 decimals (C's %f)
+                    if label != expected[i][0] or abs(score - expected[i][1]) > (1e-5 if route == "classify" else 2e-6):
                         wrong += 1
                 elif status < 400 or status >= 500:
                     wrong += 1
@@ -247,8 +288,12 @@ def main() -> int:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("server did not start")
             time.sleep(0.2)
-        path = f"/v1/models/{export.name}:classify?top_k=1"
-        asyncio.run(load(port, path, blobs, expected, 4, 200, 10))  # warm connections and caches
+        paths = {"classify": f"/v1/models/{export.name}:classify?top_k=1", "v2": f"/v2/models/{export.name}/infer"}
+        metadata = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{export.name}").read())
+        bytes_input = next(t["name"] for t in metadata["inputs"] if t["datatype"] == "BYTES")
+        v2_bodies = [v2_body(blob, bytes_input) for blob in blobs]
+        asyncio.run(load(port, paths, blobs, expected, 4, 200, 10))  # warm connections and caches
+        asyncio.run(load(port, paths, blobs, expected, 4, 100, 10, v2_bodies=v2_bodies))
         pids = _server_pids(server.pid, args.workers)
         rows = []
         for c in [int(c) for c in args.concurrency.split(",")] + [-32]:
@@ -256,8 +301,9 @@ def main() -> int:
             # speed drifts over a run by more than the differences being measured.
             raw_before = raw_now(2.0)
             batches, cpu = _batch_stats(api.metrics()), _cpu(pids)
-            row = asyncio.run(load(port, path, blobs, expected, abs(c), args.requests, args.seconds,
-                                   malformed=0.2 if c < 0 else 0.0))
+            # The last level is the soak: 20 % malformed bodies (both routes), valid ones half :classify, half v2.
+            row = asyncio.run(load(port, paths, blobs, expected, abs(c), args.requests, args.seconds,
+                                   malformed=0.2 if c < 0 else 0.0, v2_bodies=v2_bodies if c < 0 else None))
             after, cpu_after = _batch_stats(api.metrics()), _cpu(pids)
             server_cpu, loop_cpu = cpu_after[0] - cpu[0], cpu_after[1] - cpu[1]
             raw_after = raw_now(2.0)
@@ -284,7 +330,7 @@ def main() -> int:
     print("\n| run | concurrency | requests | req/s | raw img/s | vs raw | vs 1-stream raw | p50 ms | p95 ms | p99 ms "
           "| avg batch | server CPU | server ms/req | loop ms/req | client ms/req | 5xx | wrong |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in [("valid", r) for r in rows] + [("20% malformed", mixed)]:
+    for name, r in [("valid", r) for r in rows] + [("20% malformed, half v2", mixed)]:
         print(f"| {name} | {r['concurrency']} | {r['requests']} | {r['throughput']:.0f} | {r['raw']:.0f} | "
               f"{r['throughput'] / r['raw']:.2f} | {r['throughput'] / r['raw_default']:.2f} | "
               f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
