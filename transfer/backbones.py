@@ -83,6 +83,28 @@ def weights_run(weights: str) -> Path | None:
     return None
 
 
+def check_run_backbone(weights: str, run: Path, name: str) -> None:
+    """``--weights RUN``: a complete run whose backbone is ``name``, else a one-line UserError naming the way out."""
+    source = rundir.load_complete(run).get("model", {}).get("backbone")
+    if source != name:
+        raise UserError(f"--weights '{weights}' is a run of {source or 'a scratch baseline (no backbone)'}, not "
+                        f"{name}; pass a run of {name}" + (f" or --backbone {source}" if source else ""))
+
+
+def copy_run_backbone(layer, run: Path, name: str) -> None:
+    """Give the freshly built backbone ``layer`` the weights of ``run``'s backbone (same architecture, any input
+    size), or a one-line UserError when they do not fit."""
+    from transfer.runmodel import load_run_model
+
+    manifest = rundir.load_complete(run)
+    source = load_run_model(run).get_layer(manifest["model"]["backbone_layer"])
+    try:
+        layer.set_weights(source.get_weights())
+    except ValueError as exc:
+        raise UserError(f"--weights '{run}': its {name} backbone does not fit this one "
+                        f"({str(exc).splitlines()[0][:120]})") from exc
+
+
 def keras_home() -> Path:
     """Where Keras caches downloads (``KERAS_HOME`` or ``~/.keras``)."""
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
@@ -157,11 +179,7 @@ class Backbone(_Sized):
         or its model.keras): fine-tuning then starts from that run's backbone."""
         run = weights_run(weights)
         if run is not None:
-            source = rundir.load_complete(run).get("model", {}).get("backbone")
-            if source != self.name:
-                raise UserError(
-                    f"--weights '{weights}' is a run of {source or 'a scratch baseline (no backbone)'}, not "
-                    f"{self.name}; pass a run of {self.name}" + (f" or --backbone {source}" if source else ""))
+            check_run_backbone(weights, run, self.name)
             return
         if weights not in ("imagenet", "none") and not os.path.isfile(weights):
             raise UserError(f"--weights '{weights}' is not a file; pass imagenet, none, a weights file or a run "
@@ -210,16 +228,8 @@ class Backbone(_Sized):
 
     def _from_run(self, constructor, size: int, run: Path):
         """A fresh backbone holding the weights of an earlier run's backbone (same architecture, any input size)."""
-        from transfer.runmodel import load_run_model
-
-        manifest = rundir.load_complete(run)
-        source = load_run_model(run).get_layer(manifest["model"]["backbone_layer"])
         layer = constructor(include_top=False, weights=None, input_shape=(size, size, 3), **self.kwargs)
-        try:
-            layer.set_weights(source.get_weights())
-        except ValueError as exc:
-            raise UserError(f"--weights '{run}': its {self.name} backbone does not fit this one "
-                            f"({str(exc).splitlines()[0][:120]})") from exc
+        copy_run_backbone(layer, run, self.name)
         return layer
 
     def facts(self, layer) -> dict:
@@ -523,9 +533,16 @@ class KerasHubBackbone(_Sized):
         return match.group(1) if match else None
 
     def check_weights(self, weights: str) -> None:
+        """``imagenet`` (the preset's own weights), ``none``, or a complete run of this same preset (its directory or
+        model.keras): fine-tuning then starts from that run's backbone."""
+        run = weights_run(weights)
+        if run is not None:
+            check_run_backbone(weights, run, self.name)
+            return
         if weights not in ("imagenet", "none"):
             raise UserError(f"--weights '{weights}' does not apply to keras-hub backbones: pass imagenet (the "
-                            "preset's own weights) or none (random initialisation)")
+                            "preset's own weights), none (random initialisation) or a run directory of the same "
+                            "preset")
 
     def check_unfreeze(self, unfreeze: Unfreeze) -> None:
         cls = self.preset().class_name
@@ -538,21 +555,24 @@ class KerasHubBackbone(_Sized):
         return weights != "none"
 
     def build(self, size: int, weights: str):
-        """``Backbone.from_preset`` for ``size`` x ``size`` RGB input, probed with one image."""
+        """``Backbone.from_preset`` for ``size`` x ``size`` RGB input, probed with one image; with a run as
+        ``--weights``, built without the preset's weights and given the run's backbone weights."""
         import numpy as np
 
         self.check_weights(weights)
+        run = weights_run(weights)
         preset = self.preset()
         keras_hub = import_keras_hub()
         overrides = {}
         shape = preset.config.get("config", {}).get("image_shape")
         if shape and shape[0] is not None and int(shape[0]) != size:
             overrides["image_shape"] = (size, size, 3)
-        if preset.local and self.pretrained(weights) and not (Path(preset.source) / _PRESET_WEIGHTS).is_file():
+        load_preset_weights = self.pretrained(weights) and run is None
+        if preset.local and load_preset_weights and not (Path(preset.source) / _PRESET_WEIGHTS).is_file():
             raise UserError(f"keras-hub preset '{self.handle}' has no {_PRESET_WEIGHTS}; save the backbone with "
                             "save_to_preset, or pass --weights none to start from random weights")
         try:
-            layer = keras_hub.models.Backbone.from_preset(preset.source, load_weights=self.pretrained(weights),
+            layer = keras_hub.models.Backbone.from_preset(preset.source, load_weights=load_preset_weights,
                                                           **overrides)
         except Exception as exc:  # a download, a weights file or a config that rejects the size
             at = f" at {size}x{size} (its own size is {self.default_size}; try --image-size {self.default_size})" \
@@ -569,7 +589,9 @@ class KerasHubBackbone(_Sized):
             got = sorted(probe) if isinstance(probe, dict) else tuple(probe.shape)
             raise UserError(f"keras-hub preset '{self.handle}' ({preset.class_name}) returns {got}; need an image "
                             "backbone returning a feature map, tokens or a feature vector")
-        if not self.pretrained(weights):
+        if run is not None:
+            copy_run_backbone(layer, run, self.name)
+        elif not self.pretrained(weights):
             _speed_up_batchnorm(layer)
         return layer
 

@@ -142,6 +142,16 @@ def test_a_keras_hub_run_trains_exports_and_serves(preset, tmp_path):
     assert answer.status_code == 200, answer.text
     np.testing.assert_allclose(answer.json()["predictions"][0], expected, atol=1e-5)
 
+    # --weights RUN_DIR: a new run of the same preset starts from this run's fine-tuned backbone, not the preset's.
+    again = get_backbone(f"keras_hub:{preset}").build(32, str(run))
+    started = _backbone_weights(again)
+    assert started.keys() == after.keys()
+    assert all(np.array_equal(a, b) for name in after for a, b in zip(started[name], after[name], strict=True))
+    assert any(not np.array_equal(a, b)
+               for name in top if name in before for a, b in zip(started[name], before[name], strict=True))
+    with pytest.raises(UserError, match=r"is a run of keras_hub:.*, not mobilenetv2; pass a run of mobilenetv2"):
+        get_backbone("mobilenetv2").check_weights(str(run))
+
 
 def _predict_json(export, image, fmt: str) -> list[float]:
     import contextlib
