@@ -284,9 +284,8 @@ def training_pipelines(dataset, augment_cfg, train_cfg: TrainConfig, class_weigh
             epoch_ds = epoch_ds.rebatch(train_cfg.batch_size, drop_remainder=True)
         return epoch_ds
 
-    def train(first_epoch: int = 0):
-        return training_stream(dataset.train, batch_size=train_cfg.batch_size, augment=augment_cfg,
-                               seed=train_cfg.seed, first_epoch=first_epoch, finish=finish)
+    train = training_stream(dataset.train, batch_size=train_cfg.batch_size, augment=augment_cfg,
+                            seed=train_cfg.seed, finish=finish)
 
     val_ds = make_pipeline(dataset.val, batch_size=train_cfg.batch_size, training=False)
     val_ds = val_ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)))

@@ -547,6 +547,42 @@ def test_training_pipeline_shuffles_every_epoch_without_dropping():
     np.testing.assert_array_equal(again, ids1)  # seeded
 
 
+def test_a_training_stream_started_at_epoch_e_is_the_tail_of_the_one_started_at_0():
+    """What resume relies on: epoch e's batches, augmentations included, do not depend on where the stream began."""
+    from transfer.data.pipeline import training_stream
+
+    split = _numbered_split(50)
+    stream = training_stream(split, batch_size=16, augment=AugmentConfig("strong"), seed=3)
+    from_zero = [(x.numpy(), y.numpy()) for x, y in stream(0).take(12)]  # epochs 0, 1, 2: 4 batches each
+    from_one = [(x.numpy(), y.numpy()) for x, y in stream(1).take(8)]
+    for (xa, ya), (xb, yb) in zip(from_zero[4:], from_one, strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    labels = [np.concatenate([y for _, y in from_zero[e * 4:(e + 1) * 4]]) for e in range(3)]
+    assert all(sorted(epoch) == sorted(split.y) for epoch in labels)  # every sample once per epoch
+    assert not np.array_equal(labels[0], labels[1])  # a new order each epoch
+    one = make_pipeline(split, batch_size=16, training=True, augment=AugmentConfig("strong"), seed=3, epoch=2)
+    for (xa, _), (xb, _) in zip(from_zero[8:], one, strict=True):
+        np.testing.assert_array_equal(xa, xb.numpy())  # the same as that one epoch's pipeline
+
+
+def test_streams_of_one_factory_share_the_memory_cache(tmp_path, monkeypatch):
+    """A run's phases each start a stream: with --cache memory no file is decoded twice."""
+    from transfer.data import folders
+    from transfer.data.pipeline import training_stream
+
+    data = load_dataset(_folder(_jpeg_folder(tmp_path / "jpegs"), val_split=0, test_split=0), image_size=24)
+    decoded = []
+    monkeypatch.setattr(folders, "decode_image", lambda path, size: decoded.append(path) or decode_image(path, size))
+    stream = training_stream(dataclasses.replace(data.train, cache="memory"), batch_size=5, seed=0)
+    batches = -(-len(data.train) // 5)
+    first = [x.numpy() for x, _ in stream(0).take(2 * batches)]
+    second = [x.numpy() for x, _ in stream(1).take(batches)]
+    assert len(decoded) == len(set(decoded)) == len(data.train)
+    for a, b in zip(first[batches:], second, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_eval_pipeline_is_in_order_and_unaugmented(tiny_synthetic):
     ds = make_pipeline(tiny_synthetic.test, batch_size=32, training=False, augment=AugmentConfig("strong"))
     for _ in range(2):

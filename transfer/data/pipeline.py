@@ -79,16 +79,17 @@ def training_stream(
     batch_size: int,
     augment: AugmentConfig | None = None,
     seed: int = 0,
-    first_epoch: int = 0,
     finish: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None,
-) -> tf.data.Dataset:
-    """The training batches of epochs ``first_epoch``, ``first_epoch + 1``, ... one after another, without end.
+) -> Callable[[int], tf.data.Dataset]:
+    """``stream(first_epoch)``: the training batches of epochs ``first_epoch``, ``first_epoch + 1``, ... one after
+    another, without end.
 
     Epoch ``e`` is ``make_pipeline(..., training=True, epoch=e)`` then ``finish`` (per-epoch maps such as one-hot
     labels, or a rebatch that drops the epoch's last partial batch): the stream started at epoch ``e`` is exactly
     the tail of the one started at 0, which is what lets a killed run resume to the same history as an
     uninterrupted one. Fit it with ``steps_per_epoch`` (the epoch's batch count): Keras then keeps one iterator
-    across epochs.
+    across epochs. Every stream of one factory shares the decoder (and its ``--cache memory`` images), the
+    augmentation layers and the arrays: a run's phases each start a stream, none copies the data again.
     """
     one_epoch = _epoch_builder(split, batch_size=batch_size, training=True, augment=augment, seed=seed)
 
@@ -96,8 +97,11 @@ def training_stream(
         ds = one_epoch(epoch)
         return ds if finish is None else finish(ds)
 
-    epochs = tf.data.Dataset.range(int(first_epoch), _NO_END)
-    return epochs.flat_map(epoch_batches).prefetch(tf.data.AUTOTUNE)
+    def stream(first_epoch: int = 0) -> tf.data.Dataset:
+        epochs = tf.data.Dataset.range(int(first_epoch), _NO_END)
+        return epochs.flat_map(epoch_batches).prefetch(tf.data.AUTOTUNE)
+
+    return stream
 
 
 _NO_END = 2**62  # the last epoch a stream counts to: never reached
