@@ -291,6 +291,11 @@ def training_pipelines(dataset, augment_cfg, train_cfg: TrainConfig, class_weigh
     val_ds = val_ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
     samples = len(dataset.train.y)
     steps = samples // train_cfg.batch_size if replicas > 1 else -(-samples // train_cfg.batch_size)
+    if steps == 0:  # an epoch without a batch: the endless stream would never yield one
+        if not samples:
+            raise UserError("the training split has no images; add images or lower --val-split/--test-split")
+        raise UserError(f"the training split has {samples} images, fewer than one global batch of "
+                        f"{train_cfg.batch_size} (the {replicas} replicas drop partial batches); lower --batch-size")
     return train, val_ds, steps
 
 

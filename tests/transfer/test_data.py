@@ -566,6 +566,18 @@ def test_a_training_stream_started_at_epoch_e_is_the_tail_of_the_one_started_at_
         np.testing.assert_array_equal(xa, xb.numpy())  # the same as that one epoch's pipeline
 
 
+def test_an_epoch_without_a_whole_global_batch_is_refused_in_one_line(tiny_synthetic):
+    """Replicas drop partial batches: 160 images in global batches of 256 would be an epoch of no batch, on which
+    the endless training stream would wait forever."""
+    from transfer.config import TrainConfig
+    from transfer.runner import training_pipelines
+
+    with pytest.raises(UserError, match=r"has 160 images, fewer than one global batch of 256 .*lower --batch-size"):
+        training_pipelines(tiny_synthetic, AugmentConfig("none"), TrainConfig(batch_size=256), replicas=2)
+    _, _, steps = training_pipelines(tiny_synthetic, AugmentConfig("none"), TrainConfig(batch_size=256))
+    assert steps == 1  # one replica keeps the partial batch
+
+
 def test_streams_of_one_factory_share_the_memory_cache(tmp_path, monkeypatch):
     """A run's phases each start a stream: with --cache memory no file is decoded twice."""
     from transfer.data import folders
