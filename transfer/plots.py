@@ -103,9 +103,9 @@ def cell_colours(names: list[str]) -> dict[str, tuple]:
 def ranked_metric(rows: list[dict]) -> tuple[str, str, str]:
     """What a comparison ranks by (``--rank-by``, recorded on its rows by ``annotate``): (row key of the mean, row key
     of its 95 % interval, axis label)."""
-    from transfer.compare.ranking import METRIC_NAMES, RANK_BY_DEFAULT, metric_key
+    from transfer.compare.ranking import METRIC_NAMES, metric_key, rank_by_of
 
-    rank_by = rows[0].get("rank_by", RANK_BY_DEFAULT) if rows else RANK_BY_DEFAULT
+    rank_by = rank_by_of(rows)
     return metric_key(rank_by), "rank_ci95", f"test {METRIC_NAMES[rank_by]}"
 
 

@@ -19,6 +19,11 @@ RANK_BY_DEFAULT = CompareConfig.rank_by  # the field's default (transfer.config)
 METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1"}
 
 
+def rank_by_of(rows: list[dict]) -> str:
+    """The metric a comparison's rows were ranked by (``annotate`` records it on every row); accuracy when unranked."""
+    return rows[0].get("rank_by", RANK_BY_DEFAULT) if rows else RANK_BY_DEFAULT
+
+
 def competition_rank(values: list[float]) -> list[int]:
     """Rank (1 = best) where higher is better; ties share the better rank ("1224" ranking)."""
     return [1 + sum(other > value for other in values) for value in values]
@@ -95,7 +100,7 @@ def pick_winners(rows: list[dict]) -> list[dict]:
     chance level. Rows must have been through :func:`annotate`."""
     reasons: dict[int, list[str]] = {}
     tied = [i for i, r in enumerate(rows) if r["tied_with_best"]]
-    rank_by = rows[0].get("rank_by", RANK_BY_DEFAULT) if rows else RANK_BY_DEFAULT
+    rank_by = rank_by_of(rows)
     best, axis = (("most accurate", "accuracy") if rank_by == "accuracy" else
                   (f"best {METRIC_NAMES[rank_by]}", METRIC_NAMES[rank_by]))
     if tied:

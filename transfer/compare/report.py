@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from transfer import rundir
+from transfer.compare.ranking import rank_by_of
 from transfer.plots import plot_comparison
 
 PLOTS = ("accuracy_vs_latency.png", "accuracy_vs_size.png", "learning_curves.png", "accuracy_bars.png")
@@ -37,10 +38,6 @@ def columns(rank_by: str = "accuracy") -> tuple:
     rest = tuple(c for c in COLUMNS if c[0] not in ("rank", "cell", "test_accuracy", "accuracy_ci95", "verdict"))
     return (("rank", "rank"), ("cell", "cell"), (key, header), ("rank_ci95", "95% interval"),
             ("verdict", "vs best / chance"), ("test_accuracy", "test acc"), *rest)
-
-
-def _rank_by(rows: list[dict]) -> str:
-    return rows[0].get("rank_by", "accuracy") if rows else "accuracy"
 
 
 def verdict(row: dict) -> str:
@@ -75,7 +72,7 @@ def _cell_text(row: dict, key: str) -> str:
 def _interval_text(rows: list[dict]) -> str:
     """How the ranking metric and its interval were computed (one sentence)."""
     n = rows[0]["test_samples"] if rows else 0
-    rank_by = _rank_by(rows)
+    rank_by = rank_by_of(rows)
     if rank_by == "accuracy":
         return f"Accuracy is mean ± sample std over seeds, with its 95% Wilson interval on the {n} test images"
     from transfer.compare.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
@@ -86,7 +83,7 @@ def _interval_text(rows: list[dict]) -> str:
 
 
 def _markdown(rows: list[dict], winners: list[dict], title: str, settings: dict) -> str:
-    cols = columns(_rank_by(rows))
+    cols = columns(rank_by_of(rows))
     lines = [f"# Comparison: {title}", "",
              f"Dataset `{settings['dataset']}` (fingerprint `{settings['fingerprint'][:12]}`), seeds "
              f"{settings['seeds']}, epochs {settings['train']['epochs']}, batch {settings['train']['batch_size']}. "
@@ -106,7 +103,7 @@ def _html(rows: list[dict], winners: list[dict], title: str, settings: dict, plo
 
     from transfer.render import html_figures, html_page, html_table
 
-    cols = columns(_rank_by(rows))
+    cols = columns(rank_by_of(rows))
     board = html_table([h for _, h in cols], [[html.escape(_cell_text(r, k)) for k, _ in cols] for r in rows])
     wins = "".join(f"<li><b>{html.escape(w['cell'])}</b> — {html.escape(', '.join(w['why']))} "
                    f"(<code>{html.escape(w['best_run'])}</code>)</li>" for w in winners)
@@ -171,7 +168,7 @@ def print_table(rows: list[dict], winners: list[dict]) -> None:
     """A short leaderboard on the terminal."""
     marks = {w["cell"]: "*" for w in winners}
     n = rows[0]["test_samples"] if rows else 0
-    (key, header), (ci, _) = columns(_rank_by(rows))[2:4]
+    (key, header), (ci, _) = columns(rank_by_of(rows))[2:4]
     print(f"\n{'rank':>4}  {'cell':<28}{header:>16}{'95% interval':>15}  {'vs best / chance':<28}"
           f"{'latency':>10}{'size':>11}")
     for r in rows:

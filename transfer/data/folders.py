@@ -154,7 +154,8 @@ def file_decoder(split: FileSplit) -> Callable[[int], tuple[np.ndarray, np.ndarr
     decodes, with that file's label (the same class), so a pipeline never stops and keeps its length. With a
     ``--cache`` directory, decoded pixels are kept there as raw files named by the file's content digest and size
     (written atomically: concurrent runs and a killed run never leave a partial file where it is read). With
-    ``--cache memory`` the decoder keeps every image it decoded (this decoder's lifetime: one pipeline's).
+    ``--cache memory`` the decoder keeps every image it decoded, for its lifetime: one pipeline's, or every phase
+    of a run's training stream.
     """
     size = split.size
     if size is None:
