@@ -150,17 +150,26 @@ def _fit(model, cfg: TrainConfig, **kwargs):
                         "--jit-compile") from exc
 
 
-def save_weights_npz(model, path: Path) -> None:
-    """Model weights (no optimizer state) to ``path`` atomically."""
+def _write_npz(path: Path, arrays) -> None:
+    """``arrays`` to ``path`` as an .npz (``arr_0``, ``arr_1``, ...), atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as handle:
-        np.savez(handle, *model.get_weights())
+        np.savez(handle, *arrays)
     os.replace(tmp, path)
 
 
-def load_weights_npz(model, path: Path) -> None:
+def _read_npz(path: Path) -> list[np.ndarray]:
     with np.load(path) as data:
-        model.set_weights([data[f"arr_{i}"] for i in range(len(data.files))])
+        return [data[f"arr_{i}"] for i in range(len(data.files))]
+
+
+def save_weights_npz(model, path: Path) -> None:
+    """Model weights (no optimizer state) to ``path`` atomically."""
+    _write_npz(path, model.get_weights())
+
+
+def load_weights_npz(model, path: Path) -> None:
+    model.set_weights(_read_npz(path))
 
 
 def _generator_states(model) -> list:
@@ -171,20 +180,16 @@ def _generator_states(model) -> list:
 
 
 def save_generators(model, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, *(np.asarray(v) for v in _generator_states(model)))
-    os.replace(tmp, path)
+    _write_npz(path, [np.asarray(v) for v in _generator_states(model)])
 
 
 def load_generators(model, path: Path) -> None:
-    states = _generator_states(model)
-    with np.load(path) as data:
-        if len(data.files) != len(states):
-            raise UserError(f"{path}: {len(data.files)} random generator states for a model with {len(states)}; "
-                            "the checkpoint is not this run's (--overwrite to start it again)")
-        for i, variable in enumerate(states):
-            variable.assign(data[f"arr_{i}"])
+    states, saved = _generator_states(model), _read_npz(path)
+    if len(saved) != len(states):
+        raise UserError(f"{path}: {len(saved)} random generator states for a model with {len(states)}; "
+                        "the checkpoint is not this run's (--overwrite to start it again)")
+    for variable, value in zip(states, saved, strict=True):
+        variable.assign(value)
 
 
 def _current_lr(optimizer) -> float:
