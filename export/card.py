@@ -210,6 +210,11 @@ def _recipe(manifest: dict) -> list[str]:
     weights = model.get("weights")
     weights_text = {"none": "none (trained from scratch)", "imagenet": "ImageNet (pretrained backbone)"}.get(
         weights, f"`{weights}`")
+    package = model.get("weights_package")
+    if package:
+        weights_text = (f"`{weights}`: {package.get('trained_on')}; from the package `{package.get('package')}` "
+                        f"{package.get('version')} (`{package.get('file')}`, sha256 `{package.get('sha256')}`, "
+                        f"licence {package.get('licence')})")
     origin = model.get("weights_source")
     if origin:
         weights_text += (f"; backbone from run `{origin.get('run')}` trained on `{origin.get('dataset')}` "
@@ -396,6 +401,11 @@ def _limitations(manifest: dict, evaluation: dict | None, verify: dict | None, a
     if weights == "none":
         bullets.append("No ImageNet weights: the model was trained from scratch on this dataset alone; it has seen "
                        "nothing else.")
+    elif model.get("weights_package"):
+        package = model["weights_package"]
+        bullets.append(f"The backbone starts from packaged weights ({package.get('trained_on')}; licence "
+                       f"{package.get('licence')}), with that data's biases; the numbers above are for "
+                       f"`{dataset.get('name')}` only.")
     elif weights == "imagenet":
         bullets.append("The backbone starts from ImageNet weights (with that data's biases); the numbers above are "
                        f"for `{dataset.get('name')}` only.")

@@ -26,6 +26,10 @@ CASES = [
     (["finetune", "--backbone", "keras_hub:{empty_dir}"], "'{empty_dir}' is not a keras-hub preset directory"),
     (["finetune", "--backbone", "keras_hub:no_such_preset"], "keras-hub preset 'no_such_preset' cannot be fetched"),
     (["finetune", "--weights", "/no/such/weights.h5"], "/no/such/weights.h5"),
+    (["finetune", "--backbone", "resnet50", "--weights", "hed"], "--weights hed are packaged weights of vgg16"),
+    (["finetune", "--backbone", "efficientnet_lite0", "--weights", "{truncated_pth}"], "truncated file"),
+    (["finetune", "--backbone", "efficientnet_lite0", "--weights", "{evil_pth}"], "posix.system"),
+    (["finetune", "--backbone", "efficientnet_lite0", "--weights", "{wrong_pth}"], "layer stem_conv needs shapes"),
     (["finetune", "--image-size", "0"], "--image-size 0"),
     (["finetune", "--image-size", "100000"], "--image-size 100000"),
     (["finetune", "--image-size", "big"], "'big'"),
@@ -186,6 +190,16 @@ def world(tmp_path_factory):
     from hub_fixtures import craft_hub_run, save_hub_module
 
     hub_run = craft_hub_run(art / "runs" / "hub", save_hub_module(root / "hub_module", True), embed=True)
+    from torch_fixtures import write_evil, write_legacy
+
+    from transfer import torchfile
+    from transfer.pretrained import packaged
+
+    state = torchfile.load(packaged("efficientnet_lite0", "imagenet").path())
+    state["_conv_stem.weight"] = state["_conv_stem.weight"][:16]  # a stem of 16 filters, not Lite0's 32
+    write_legacy(root / "wrong.pth", state)
+    (root / "truncated.pth").write_bytes((root / "wrong.pth").read_bytes()[:-1000])
+    write_evil(root / "evil.pth", root / "pwned")
     (root / "bad.toml").write_text("epochz = 3\n")
     (root / "weights_unknown.toml").write_text("circle = 2.0\nsquar = 3.0\n")  # synthetic's: circle, square, ...
     (root / "weights_negative.json").write_text('{"circle": -2.0}')
@@ -197,7 +211,8 @@ def world(tmp_path_factory):
             "txt": root / "notes.txt", "empty_dir": root / "empty", "bad_toml": root / "bad.toml",
             "float_toml": root / "float.toml", "bad_compare": root / "compare.toml", "bench_toml": root / "bench.toml",
             "corrupt_dir": root / "corrupt", "one_class_dir": root / "one", "two_class_dir": root / "two",
-            "hub_run": hub_run}
+            "hub_run": hub_run, "wrong_pth": root / "wrong.pth", "truncated_pth": root / "truncated.pth",
+            "evil_pth": root / "evil.pth"}
 
 
 def _snapshot(root: Path) -> dict:
@@ -234,3 +249,4 @@ def test_bad_invocation_is_one_line_exit_2_and_writes_nothing(world, tmp_path, c
     assert needle in err, err
     assert not art.exists() or not any(art.iterdir()), sorted(art.rglob("*"))
     assert _snapshot(world["root"]) == before
+    assert not (world["root"] / "pwned").exists()  # the crafted .pth ran nothing

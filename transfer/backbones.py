@@ -50,6 +50,7 @@ PREPROCESSING = {
               tuple(-m / s for m, s in zip(_TORCH_MEAN, _TORCH_STD, strict=True)),
               "scale to [0, 1], ImageNet mean/std"),
     "unit": (False, (1 / 255,) * 3, (0.0,) * 3, "scale to [0, 1]"),
+    "lite": (False, (1 / 128,) * 3, (-127 / 128,) * 3, "(x - 127) / 128 (EfficientNet-Lite)"),
     "none": (False, (1.0,) * 3, (0.0,) * 3, "raw 0..255 (backbone scales internally)"),
 }
 
@@ -167,7 +168,36 @@ class Backbone(_Sized):
         return keras_home() / "models" / self.weights_filename(size or self.default_size)
 
     def weights_cached(self, size: int | None = None) -> bool:
-        return self.weights_path(size).exists()
+        return bool(self.weights_file) and self.weights_path(size).exists()
+
+    def weights_here(self) -> list[dict]:
+        """Every named ``--weights`` this backbone takes and whether this machine has them: packaged weights
+        (installed or not) first, then Keras' ImageNet download (cached or not) where Keras has one."""
+        from transfer.pretrained import PRETRAINED_INSTALL, packaged_for
+
+        rows = []
+        for row in packaged_for(self.name):
+            version = row.version() if row.installed() else None
+            rows.append({"weights": row.name, "source": "packaged", "package": row.distribution,
+                         "available": version is not None,
+                         "status": f"packaged ({row.distribution} {version})" if version
+                         else f"not installed ({PRETRAINED_INSTALL})"})
+        if self.weights_file and not any(r["weights"] == "imagenet" for r in rows):
+            cached = self.weights_cached()
+            rows.append({"weights": "imagenet", "source": "keras download", "package": None, "available": cached,
+                         "status": "downloaded" if cached else "download"})
+        return rows
+
+    def constructor_fn(self):
+        """The function building this backbone: ``keras.applications.<constructor>``, or ``module:function``."""
+        if ":" in self.constructor:
+            import importlib
+
+            module, _, attr = self.constructor.partition(":")
+            return getattr(importlib.import_module(module), attr)
+        import keras
+
+        return getattr(keras.applications, self.constructor)
 
     def block_of(self, layer_name: str) -> str | None:
         """The block a layer belongs to, or None for stem/top layers outside any block."""
@@ -177,13 +207,24 @@ class Backbone(_Sized):
     def check_weights(self, weights: str) -> None:
         """``imagenet``, ``none``, an existing weights file, or a complete run of this same backbone (its directory
         or its model.keras): fine-tuning then starts from that run's backbone."""
+        from transfer.pretrained import check_name, packaged, packaged_for
+
         run = weights_run(weights)
         if run is not None:
             check_run_backbone(weights, run, self.name)
             return
+        row = packaged(self.name, weights)
+        if row is not None:
+            row.path()  # installed, or one line naming the install
+            return
+        check_name(self.name, weights)
+        if weights == "imagenet" and not self.weights_file:
+            raise UserError(f"{self.name} has no ImageNet weights to download; pass --weights PATH (a weights file) "
+                            "or --weights none")
         if weights not in ("imagenet", "none") and not os.path.isfile(weights):
-            raise UserError(f"--weights '{weights}' is not a file; pass imagenet, none, a weights file or a run "
-                            "directory of the same backbone")
+            named = "".join(f", {r.name}" for r in packaged_for(self.name))
+            raise UserError(f"--weights '{weights}' is not a file; pass imagenet{named}, none, a weights file or a "
+                            "run directory of the same backbone")
 
     def check_unfreeze(self, unfreeze: Unfreeze) -> None:
         """Every form applies; the layer and block counts are checked against the built layer."""
@@ -196,13 +237,18 @@ class Backbone(_Sized):
 
         A backbone trained from scratch gets a fast BatchNorm momentum (see :func:`_speed_up_batchnorm`).
         """
-        import keras
+        from transfer.pretrained import packaged
 
         self.check_weights(weights)
-        constructor = getattr(keras.applications, self.constructor)
+        constructor = self.constructor_fn()
         run = weights_run(weights)
         if run is not None:
             return self._from_run(constructor, size, run)
+        row = packaged(self.name, weights)
+        if row is not None:  # weights inside an installed package: built empty, then given the file's tensors
+            layer = constructor(include_top=False, weights=None, input_shape=(size, size, 3), **self.kwargs)
+            row.load(layer)
+            return layer
         weights_arg = {"none": None, "imagenet": "imagenet"}.get(weights, weights)
         try:
             layer = constructor(include_top=False, weights=weights_arg, input_shape=(size, size, 3), **self.kwargs)
@@ -678,6 +724,8 @@ BACKBONES: dict[str, Backbone] = {
                  "efficientnetb1_notop.h5", 6_575_239, "efficientnet"),
         Backbone("efficientnetb2", "EfficientNetB2", 260, 32, "none", _EFFNET,
                  "efficientnetb2_notop.h5", 7_768_569, "efficientnet"),
+        Backbone("efficientnet_lite0", "transfer.efficientnet_lite:EfficientNetLite0", 224, 32, "lite", _EFFNET,
+                 "", 3_413_024, "efficientnet"),
         Backbone("efficientnetv2b0", "EfficientNetV2B0", 224, 32, "none", r"^(block\d+[a-z])_",
                  "efficientnetv2-b0_notop.h5", 5_919_312, "efficientnet"),
         Backbone("densenet121", "DenseNet121", 224, 32, "torch", _RESNET,

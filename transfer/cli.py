@@ -175,16 +175,17 @@ def cmd_backbones(args) -> int:
     rows = [
         {"name": b.name, "family": b.family, "params": b.params, "default_size": b.default_size,
          "min_size": b.min_size, "preprocessing": b.preprocessing,
-         "preprocessing_detail": PREPROCESSING[b.preprocessing][3], "imagenet_cached": b.weights_cached()}
+         "preprocessing_detail": PREPROCESSING[b.preprocessing][3], "imagenet_cached": b.weights_cached(),
+         "weights": b.weights_here()}
         for b in BACKBONES.values()
     ]
     for r in rows:
-        r["imagenet"] = "cached" if r["imagenet_cached"] else "download"
+        r["weights_text"] = "; ".join(f"{w['weights']}: {w['status']}" for w in r["weights"])
         r["preprocessing_text"] = f"{r['preprocessing']} ({r['preprocessing_detail']})"
     print_rows(rows, [("name", "name", "<18"), ("family", "family", "<14"), ("params", "params", ">12,"),
                       ("default_size", "size", ">4"), ("min_size", "min", ">4"),
-                      ("preprocessing_text", "preprocessing", "<44"), ("imagenet", "imagenet", "")],
-               as_json=args.json, json_keys=[k for k in rows[0] if k not in ("imagenet", "preprocessing_text")])
+                      ("preprocessing_text", "preprocessing", "<44"), ("weights_text", "weights here", "")],
+               as_json=args.json, json_keys=[k for k in rows[0] if k not in ("weights_text", "preprocessing_text")])
     if args.json:
         return 0
     print("hub:<url | Kaggle handle | SavedModel dir>  TF Hub image feature-vector model "

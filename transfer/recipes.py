@@ -9,7 +9,6 @@ needs no knowledge of backbone kinds.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,6 +50,7 @@ def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> Mode
     from transfer.backbones import get_backbone, weights_run
     from transfer.freezing import ScheduleStep, parse_schedule, parse_unfreeze
     from transfer.heads import parse_head
+    from transfer.pretrained import packaged, provenance
 
     spec = get_backbone(model_cfg.backbone)
     head = parse_head(model_cfg.head)
@@ -100,6 +100,9 @@ def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> Mode
             "unfreeze": unfreeze.text,
             **spec.facts(built.backbone),
         }
+        row = packaged(spec.name, model_cfg.weights)
+        if row is not None:  # weights inside a package: which one, its version, the file's sha256, its licence
+            described["weights_package"] = provenance(row)
         run = weights_run(model_cfg.weights)
         if run is not None:  # started from an earlier run's backbone: which run, and the data it learned from
             source = rundir.load_complete(run)
@@ -108,9 +111,6 @@ def finetune_recipe(model_cfg: ModelConfig, dataset: str, seed: int = 0) -> Mode
                                            "dataset_fingerprint": source["dataset"]["fingerprint"]}
         if resolved.blocks is not None:
             described["unfreeze_layers"] = resolved.count
-        if unfreeze.frozen_backbone and not built.pretrained:
-            print("warning: --weights none with --unfreeze 0 trains a head on a random, frozen backbone; "
-                  "use --unfreeze all to train it from scratch", file=sys.stderr)
         if schedule:
             described["unfreeze_schedule"] = [{"epoch": step.epoch, "unfreeze": step.unfreeze.text,
                                                "layers": None if step.unfreeze.all else step.unfreeze.count}

@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import os
 import platform
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -241,7 +242,32 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
         f"  model.keras, manifest.json, evaluation.json, history.csv, plots/"
         + (f", logs/ (tensorboard --logdir {run_path / 'logs'})" if train_cfg.tensorboard else "")
     )
+    for line in end_warnings(manifest, evaluation):
+        print(line, file=sys.stderr)
     return run_path
+
+
+def end_warnings(manifest: dict, evaluation: dict) -> list[str]:
+    """The one-line warnings a finished run ends with: a random backbone left partly frozen, and a test accuracy
+    that is not above chance (exact binomial test against always answering the commonest test class)."""
+    from transfer.compare.stats import ALPHA, p_above_chance
+
+    lines = []
+    model = manifest["model"]
+    if model.get("backbone") and model.get("weights") == "none" and model.get("unfreeze") != "all":
+        lines.append(f"warning: the backbone is random (--weights none) and partly frozen (--unfreeze "
+                     f"{model.get('unfreeze')}): its frozen layers compute random features; use pretrained weights "
+                     "(`transfer backbones` lists what this machine has) or --unfreeze all")
+    n = int(evaluation.get("samples") or 0)
+    supports = [int(m.get("support", 0)) for m in (evaluation.get("per_class") or {}).values()]
+    if n and supports:
+        chance = max(supports) / n
+        correct = round(evaluation["accuracy"] * n)
+        if p_above_chance(correct, n, chance) >= ALPHA:
+            lines.append(f"warning: test accuracy {evaluation['accuracy']:.4f} is not above chance ({chance:.4f}, "
+                         f"always answering the commonest class; {correct} of {n} right): this model learned "
+                         "nothing usable; check the data, the learning rate and the frozen layers")
+    return lines
 
 
 def _gradcam_plot(model, dataset, out: Path, title: str) -> None:

@@ -188,6 +188,21 @@ def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(x[..., None], 3, axis=-1), digits.target.astype(np.int64)
 
 
+def _skimage_faces() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-image's ``lfw_subset``: 200 real 25x25 greyscale photo crops, the first 100 faces (Labeled Faces in
+    the Wild), the last 100 not faces (crops of the same photos' backgrounds)."""
+    try:
+        from skimage.data import lfw_subset
+    except ImportError as exc:
+        raise UserError('--dataset faces needs scikit-image, which ships the images: pip install -e ".[data]" '
+                        "(or scikit-image)") from exc
+    images = np.asarray(lfw_subset(), dtype=np.float64)
+    scale = 255.0 if images.max() <= 1.0 else 1.0  # float in [0, 1] on scikit-image 0.26, uint8 before
+    x = np.clip(np.round(images * scale), 0, 255).astype(np.uint8)
+    y = np.repeat(np.array([0, 1], dtype=np.int64), [100, len(x) - 100])
+    return np.repeat(x[..., None], 3, axis=-1), y
+
+
 @dataclass(frozen=True)
 class BundledDataset:
     """Real images that ship inside an installed package (no download, no --data-dir): one labelled set, from which
@@ -322,6 +337,13 @@ SOURCES: tuple[DatasetSource, ...] = (
         native_shape=(8, 8, 3),
         arrays=_sklearn_digits,
         origin="UCI handwritten digits bundled with scikit-learn",
+    ),
+    BundledDataset(
+        name="faces",
+        classes=("face", "not_face"),
+        native_shape=(25, 25, 3),
+        arrays=_skimage_faces,
+        origin="real photo crops bundled with scikit-image (lfw_subset: 100 faces, 100 backgrounds)",
     ),
     SyntheticSource(),
     FolderSource(),
