@@ -21,6 +21,13 @@ attacker process at lower CPU priority (nice 10: on a network the attacker would
                    malformed bodies (/v1, and the v2 protocol's JSON and binary tensors), parameters and HTTP (a
                    flood at full speed would measure capacity, not malformedness: benchmarks/serve_load.py measures
                    that)
+    pipelined healthz  8 connections with a 2 KB receive buffer that each send 60,000 pipelined `GET /healthz` in
+                   one go and never read an answer (no API key needed)
+    pipelined openapi  130 such connections that each pipeline 3,000 `GET /openapi.json` (each holds a request in
+                   progress while its answers do not drain: more than --max-concurrent-requests, 128)
+
+After each attack phase the server's resident memory is read again once the attacker has left (--settle seconds
+later): "after" in the table, with the idle memory measured before the first phase.
 
 Each attack runs right after a clean run of --seconds (no attack) and is compared with it: other work on the machine
 changes latency from one minute to the next, so each pair shares its conditions (the load average is printed).
@@ -47,6 +54,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -63,8 +71,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "serve")]
 MB = 2**20
 HOST = "127.0.0.1"
 BIG_SIDE = 6300
-ATTACKS = ("large PNG", "half headers", "slow bodies", "16 MB JSON", "JSON at cap", "20% malformed")
+ATTACKS = ("large PNG", "half headers", "slow bodies", "16 MB JSON", "JSON at cap", "20% malformed",
+           "pipelined healthz", "pipelined openapi")
 LONG_PHASES = {"half headers", "slow bodies"}  # longer than the server's header (10 s) and request (30 s) timeouts
+PIPELINING = {"pipelined healthz", "pipelined openapi"}  # also held to: memory back near idle, no good request lost
 DOCUMENTED_503 = {"overloaded", "timeout", "too_many_connections", "not_ready"}
 
 
@@ -380,6 +390,49 @@ async def attack_malformed(port: int, model: str, seconds: float, tally: Tally, 
     return {}
 
 
+async def attack_pipelining(port: int, seconds: float, tally: Tally, conns: int, requests: int,
+                            path: str) -> dict:
+    """``conns`` connections with a 2 KB receive buffer that each send ``requests`` pipelined ``GET path`` at once
+    and never read: how many bytes the server took of each (the rest waits in the kernel), how many it closed."""
+    loop = asyncio.get_running_loop()
+    burst = f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode() * requests
+    stop = time.monotonic() + seconds
+    sent: list[int] = []
+
+    async def one() -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # before connect
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, (HOST, port))
+        except OSError as exc:
+            tally.add(f"connect failed: {type(exc).__name__}")
+            sock.close()
+            return
+        view, done, outcome = memoryview(burst), 0, "still open at the end (never read)"
+        try:
+            while done < len(burst) and time.monotonic() < stop:
+                try:
+                    n = sock.send(view[done:])  # never recv: the answers pile up on the server's side
+                except BlockingIOError:
+                    await asyncio.sleep(0.05)
+                    continue
+                done += n
+            while time.monotonic() < stop:  # keep it open, unread, until the phase ends or the server closes it
+                await asyncio.sleep(0.25)
+                if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != 1:  # tcpi_state: not ESTABLISHED
+                    outcome = "closed by the server"
+                    break
+        except OSError:
+            outcome = "closed by the server"
+        sent.append(done)
+        tally.add(outcome)
+        sock.close()
+
+    await asyncio.gather(*(one() for _ in range(conns)))
+    return {"sent_mb_per_conn": sum(sent) / max(1, len(sent)) / MB}
+
+
 def role_main(args) -> int:
     """A client process: ``--role good`` or ``--role attack --attack NAME``; prints one JSON line."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -397,6 +450,9 @@ def role_main(args) -> int:
             "JSON at cap": lambda: attack_json(args.port, args.model, args.seconds, tally,
                                                int(args.max_json_mb * MB) - 4096),
             "20% malformed": lambda: attack_malformed(args.port, args.model, args.seconds, tally, args.rate),
+            "pipelined healthz": lambda: attack_pipelining(args.port, args.seconds, tally, 8, 60_000, "/healthz"),
+            "pipelined openapi": lambda: attack_pipelining(args.port, args.seconds, tally, 130, 3_000,
+                                                           "/openapi.json"),
         }
         result = asyncio.run(attacks[args.attack]()) | {"tally": tally.counts}
     print(json.dumps(result), flush=True)
@@ -537,7 +593,13 @@ def run_phase(args, phase: str, port: int, model: str, watch: MemoryWatch, env: 
                 p.kill()
     time.sleep(0.5)  # what the phase left running (a decode, a parse) finishes inside the phase's peak
     main_peak, child_peak = watch.peaks()
-    return {"phase": phase, "good": good_out, "attack": attack_out, "main_peak": main_peak, "child_peak": child_peak}
+    after = 0
+    if phase != "clean":
+        time.sleep(args.settle)  # the attacker has left: what the server keeps
+        with contextlib.suppress(OSError, KeyError):
+            after = _status(watch.server.pid)["VmRSS"]
+    return {"phase": phase, "good": good_out, "attack": attack_out, "main_peak": main_peak, "child_peak": child_peak,
+            "after": after}
 
 
 def main() -> int:
@@ -553,6 +615,8 @@ def main() -> int:
     parser.add_argument("--max-json-mb", type=float, default=8.0, help="the server's --max-json-mb (its default)")
     parser.add_argument("--nofile", type=int, default=1024, help="open-file limit of the server process")
     parser.add_argument("--rss-cap-gb", type=float, default=3.0, help="kill the server past this much memory")
+    parser.add_argument("--settle", type=float, default=5.0,
+                        help="seconds after an attack before the server's memory is read again")
     parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset of the attacks")
     # client roles (this script runs itself as the well-behaved and the attacking processes)
     parser.add_argument("--role", choices=("good", "attack"), help=argparse.SUPPRESS)
@@ -590,7 +654,7 @@ def main() -> int:
                                "--max-json-mb", str(args.max_json_mb), "--log-level", "warning"],
                               cwd=ROOT, env=env, stdout=log, stderr=log, preexec_fn=limits)
     watch = MemoryWatch(server, int(args.rss_cap_gb * 2**30))
-    rows, alive = [], False
+    rows, alive, idle = [], False, 0
     try:
         deadline = time.monotonic() + 120
         while not _alive(port):
@@ -599,6 +663,7 @@ def main() -> int:
                 raise SystemExit(f"the server did not start:\n{log.read()[-3000:]}")
             time.sleep(0.2)
         asyncio.run(well_behaved(port, model, args.clients, args.rate, 2.0))  # warm connections and caches
+        idle = _status(server.pid)["VmRSS"]
         loads = [os.getloadavg()[0]]
         for attack in attacks:
             if server.poll() is not None:
@@ -626,9 +691,10 @@ def main() -> int:
           f"{args.clients} well-behaved clients x {args.rate:g} req/s; phases of {args.seconds:g} s (half headers "
           f"and slow bodies {args.long_seconds:g} s); {os.cpu_count()} CPUs shared by the server, the clients and "
           f"whatever else runs here (1-minute load average {min(loads):.1f} to {max(loads):.1f})\n")
-    print("| attack | server peak RSS MB (server + bulk process) | clean p50 / p99 ms | attacked p50 / p99 ms "
-          "| p99 vs clean | good ok / failed | undocumented 5xx | attacker got |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"server idle RSS before the first phase: {idle / MB:.0f} MB\n")
+    print("| attack | server peak RSS MB (server + bulk process) | server RSS MB after | clean p50 / p99 ms "
+          "| attacked p50 / p99 ms | p99 vs clean | good ok / failed | undocumented 5xx | attacker got |")
+    print("|---|---|---|---|---|---|---|---|---|")
     failures = []
     for r in rows:
         g, c, tally = r["good"], r["clean"]["good"], r["attack"]["tally"]
@@ -643,14 +709,19 @@ def main() -> int:
             got += " (" + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in extra.items()) + ")"
         print(f"| {r['phase']} | {peak / MB:.0f} ({r['main_peak'] / MB:.0f} + {r['child_peak'] / MB:.0f}) | "
-              f"{c['p50']:.1f} / {c['p99']:.1f} | {g['p50']:.1f} / {g['p99']:.1f} | {ratio:.2f}x | "
-              f"{g['ok']} / {failed} | {bad5xx} | {got} |")
+              f"{r['after'] / MB:.0f} | {c['p50']:.1f} / {c['p99']:.1f} | {g['p50']:.1f} / {g['p99']:.1f} | "
+              f"{ratio:.2f}x | {g['ok']} / {failed} | {bad5xx} | {got} |")
         if peak > 2**30:
             failures.append(f"{r['phase']}: peak RSS {peak / MB:.0f} MB > 1024 MB")
         if ratio > 3:
             failures.append(f"{r['phase']}: p99 {ratio:.1f}x the clean run's")
         if bad5xx:
             failures.append(f"{r['phase']}: {bad5xx} undocumented 5xx")
+        if r["phase"] in PIPELINING:
+            if r["after"] > idle + 100 * MB:
+                failures.append(f"{r['phase']}: {r['after'] / MB:.0f} MB after the attack > idle + 100 MB")
+            if failed or not g["ok"]:
+                failures.append(f"{r['phase']}: well-behaved :classify got {g['ok']} 200s, {failed} failures")
     undocumented = {k: v for k, v in metrics_5xx.items() if 'status="503"' not in k}
     print(f"\nserver alive at the end: {'yes' if alive else 'NO'}; killed by the memory watchdog: "
           f"{'YES' if watch.killed else 'no'}; 5xx in the server's /metrics: {metrics_5xx or 'none'}")

@@ -46,6 +46,7 @@ from export.contract import (
     size_of,
 )
 from export.formats import FORMATS, ExportContext, ExportOptions, Format, VerifyOptions, check_options, select_formats
+from export.runtimes import ReachesOutside
 from transfer import rundir
 from transfer.errors import UserError
 
@@ -481,6 +482,8 @@ def reverify(export_dir: Path, samples: int | None = None, *, trust_hub: bool = 
             continue
         try:
             predictors[name] = FORMATS[name].load(export.path_of(name))
+        except ReachesOutside:  # a graph that would run ops outside the model is refused, not verified
+            raise
         except Exception as exc:  # a damaged artifact fails verification (traceback kept for bugs)
             predictors[name] = None
             entry["error"] = f"cannot load: {_one_line(exc)}"

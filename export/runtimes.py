@@ -4,6 +4,11 @@
 Every loader returns a :class:`Predictor`: ``predictor(batch) -> probabilities`` on float32 (N, H, W, 3) raw pixels,
 with ``inputs`` and ``outputs`` describing the artifact's tensors (name, shape with None for dynamic dimensions,
 dtype; LiteRT adds quantization parameters). A missing runtime package is a one-line UserError naming it.
+
+An artifact is data: before a SavedModel (or a TFLite model with TensorFlow "Flex" ops) is loaded, its graph is
+scanned for ops that reach outside the model (files, Python, the network: :func:`transfer.layers.unsafe_ops`, the
+check of TF Hub modules) and one that has any is refused with :class:`ReachesOutside`, a one-line UserError (exit 2)
+that export, verify, bench, predict and serve let through, so nothing of it runs.
 """
 
 from __future__ import annotations
@@ -21,6 +26,38 @@ from typing import Any
 import numpy as np
 
 from transfer.errors import UserError
+
+
+class ReachesOutside(UserError):
+    """An artifact whose graph runs ops that reach outside the model: refused unloaded, wherever it is loaded."""
+
+
+def refuse_outside_ops(path, ops: set[str]) -> None:
+    """Raise ReachesOutside for the artifact at ``path`` when ``ops`` (its ops that reach outside) is not empty."""
+    if ops:
+        shown = ", ".join(sorted(ops)[:5]) + (f" and {len(ops) - 5} more" if len(ops) > 5 else "")
+        raise ReachesOutside(f"{path} is not loaded: its graph runs ops that reach outside the model ({shown}); an "
+                             "export directory is data, so re-export it with `transfer export RUN_DIR`")
+
+
+def tflite_outside_ops(path) -> set[str]:
+    """The TensorFlow ops a TFLite model runs through the Flex delegate (custom ops ``Flex<Op>``) that reach outside
+    the model, by the same pattern as :func:`transfer.layers.unsafe_ops`; ``{"<unreadable model>"}`` for a file
+    whose operator codes cannot be read while it has Flex ops."""
+    data = Path(path).read_bytes()
+    if b"Flex" not in data:  # no Flex op at all: builtin ops only reach the model's own tensors
+        return set()
+    from transfer.layers import _UNSAFE_OP  # (imports TensorFlow: only for a model that may have Flex ops)
+
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+
+        model = schema.Model.GetRootAsModel(data, 0)
+        codes = [model.OperatorCodes(i).CustomCode() or b"" for i in range(model.OperatorCodesLength())]
+    except Exception:  # any parse failure: a model we cannot inspect is not trusted
+        return {"<unreadable model>"}
+    flex = {code[4:].decode("latin-1") for code in codes if code.startswith(b"Flex")}
+    return {op for op in flex if _UNSAFE_OP.search(op) or not op}
 
 
 class Predictor:
@@ -148,6 +185,7 @@ def _quantization(detail: dict) -> dict:
 
 
 def _interpreter(path, num_threads: int | None = None):
+    refuse_outside_ops(path, tflite_outside_ops(path))  # before LiteRT (and its Flex delegate) reads it
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:
@@ -220,6 +258,9 @@ def int8_boundaries(path: Path) -> dict:
 def load_savedmodel(path, num_threads: int | None = None) -> Predictor:
     """A SavedModel's serving_default signature in TensorFlow (imported here; its thread count is process-wide,
     set before TensorFlow starts, so ``num_threads`` is not used)."""
+    from transfer.layers import unsafe_ops
+
+    refuse_outside_ops(path, unsafe_ops(path))  # before TensorFlow reads a byte of it
     try:
         import tensorflow as tf
     except ImportError as exc:

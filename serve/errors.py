@@ -23,6 +23,20 @@ class ApiError(Exception):
         return {"error": self.message, "type": self.kind, "status": self.status}
 
 
+def whole_number(text: str | bytes | None, digits: int = 18) -> int | None:
+    """A decimal number a client wrote (a header, a query parameter) as an int; None when it is not one, or has more
+    than ``digits`` digits (Python refuses ``int()`` of 4,300 digits or more with ValueError: a client's 500)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not text.isdigit() or len(text) > digits:  # isdigit, not isdecimal: what int() takes of bytes and str alike
+        return None
+    try:
+        return int(text)
+    except ValueError:  # digits int() does not take (superscripts)
+        return None
+
+
 class BodyTooLarge(Exception):
     """The request body grew past ``max_body_bytes`` while it was read."""
 

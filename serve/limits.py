@@ -161,6 +161,11 @@ def connection_limit(settings: Settings) -> int:
 JSON_EXPANSION = 24
 # The bulk process before its first job (Python, NumPy, Pillow; measured ~50 MB).
 BULK_PROCESS_BASE = 64 * MB
+# What a request queued behind another on a pipelining connection costs besides its head (uvicorn's request cycle,
+# scope and events; measured ~2.5 KB for a `GET /healthz`), and what a connection may hold that it read and has not
+# parsed (one read of the event loop's transport, 256 KB) when its queue is full (serve.protocol).
+QUEUED_REQUEST_BYTES = 4 * 1024
+READ_BYTES = 256 * 1024
 
 
 def memory_bound(settings: Settings, base: int) -> dict[str, int]:
@@ -174,6 +179,10 @@ def memory_bound(settings: Settings, base: int) -> dict[str, int]:
         "decode": settings.decode_memory_bytes,  # decodes in progress, on threads or in the bulk process
         "buffers": 2 * settings.buffered_bytes,  # bodies and batches (BufferBudget), x2 while a body is joined
         "headers": connection_limit(settings) * settings.max_header_bytes,  # request heads being received
+        # per pipelining connection: the heads queued (at most max_header_bytes together), the queued requests, and
+        # one read held while the queue is full
+        "pipelined": connection_limit(settings) * (settings.max_header_bytes + settings.max_pipelined
+                                                   * QUEUED_REQUEST_BYTES + READ_BYTES),
         "inline": INLINE_COST,  # one small image decoded on the event loop
         # the bulk process: its own start-up memory, and one JSON document parsed (or one decode: counted above)
         "bulk_process": BULK_PROCESS_BASE + JSON_EXPANSION * settings.max_json_bytes,

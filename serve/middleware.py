@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from starlette.routing import BaseRoute, Match
 
-from serve.errors import BodyTooLarge, error_response
+from serve.errors import BodyTooLarge, error_response, whole_number
 from serve.limits import HELD_KEY, Held
 from serve.protocol import RETRY_AFTER_S
 
@@ -27,10 +27,11 @@ def _expects_body(headers: dict[bytes, bytes]) -> bool:
 
 
 class Limits:
-    """Requests in progress (503 with Retry-After beyond ``max_concurrent_requests``), body size (Content-Length
-    checked up front, streamed bytes counted), the buffer budget (received body bytes held until the request ends)
-    and request metrics by route. An error answered before the body was read in full closes the connection, so the
-    rest of the body is never read."""
+    """Requests in progress (503 with Retry-After beyond ``max_concurrent_requests``; a request stops being in
+    progress when its answer starts, not when the client has read it: serve.protocol's write deadline bounds that
+    wait), body size (Content-Length checked up front, streamed bytes counted), the buffer budget (received body
+    bytes held until the request ends) and request metrics by route. An error answered before the body was read in
+    full closes the connection, so the rest of the body is never read."""
 
     def __init__(self, app, state, routes_of: Callable[[], Sequence[BaseRoute]],
                  lanes_of: Callable[[], Sequence[tuple[BaseRoute, Callable]]] | None = None) -> None:
@@ -65,9 +66,15 @@ class Limits:
         started, status = time.perf_counter(), [500]
         headers = dict(scope["headers"])
         body_done = [not _expects_body(headers)]
+        slot = [False]  # whether this request holds one of the in-progress slots
 
         async def send_and_record(message):
             if message["type"] == "http.response.start":
+                # Its answer is ready: the request no longer holds a slot while the answer waits for the client (a
+                # client that pipelines requests and never reads the answers holds nothing but its connection).
+                if slot[0]:
+                    slot[0] = False
+                    state.in_flight -= 1
                 status[0] = message["status"]
                 if not body_done[0] and message["status"] >= 400:  # unread body: close rather than read it
                     message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
@@ -85,9 +92,11 @@ class Limits:
                 return
             length = headers.get(b"content-length")
             limit = self.settings.max_body_bytes
-            if length is not None and (not length.isdigit() or int(length) > limit):
+            size = whole_number(length) if length is not None else None
+            if length is not None and (size is None or size > limit):
                 response = (error_response(413, "body_too_large", f"request body exceeds {limit:,} bytes")
-                            if length.isdigit() else error_response(400, "invalid_request", "malformed Content-Length"))
+                            if length.strip().isdigit() else error_response(400, "invalid_request",
+                                                                            "malformed Content-Length"))
                 await response(scope, receive, send_and_record)
                 return
             seen = 0
@@ -107,11 +116,13 @@ class Limits:
 
             if counted:
                 state.in_flight += 1
+                slot[0] = True
             try:
                 lane = self._lane(scope) if self._lanes != () else None
                 await (lane or self.app)(scope, limited_receive, send_and_record)
             finally:
-                if counted:
+                if slot[0]:
+                    slot[0] = False
                     state.in_flight -= 1
         finally:
             held.give_back_all()

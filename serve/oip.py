@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serve.errors import ApiError
+from serve.errors import ApiError, whole_number
 from serve.jsonparse import _check_arrays, _check_count, _pixels, parse_json
 
 VERSION = "1"  # the version of an export directory served on its own
@@ -174,7 +174,8 @@ def parse_header(header: bytes, input_name: str, shape: tuple[int, int, int], ma
     outputs = _outputs(payload)
     names = {input_name: "FP32", input_name + BYTES_SUFFIX: "BYTES"}
     inputs = payload["inputs"]
-    if len(inputs) != 1 or not isinstance(inputs[0], dict) or inputs[0].get("name") not in names:
+    if len(inputs) != 1 or not isinstance(inputs[0], dict) or not isinstance(inputs[0].get("name"), str) or \
+            inputs[0]["name"] not in names:
         given = [t.get("name") if isinstance(t, dict) else t for t in inputs]
         raise ApiError(400, "invalid_request", f"send exactly one input, {input_name!r} (FP32 pixels) or "
                        f"{input_name + BYTES_SUFFIX!r} (BYTES encoded images); got {given}")
@@ -227,10 +228,10 @@ def split_body(body: bytes, header_length: str | None, max_json_bytes: int) -> t
     binary data is a view of the body, not a copy."""
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.strip().isdecimal() or int(header_length) > len(body):
-        raise ApiError(400, "invalid_request", f"{HEADER_LENGTH}: {header_length!r} is not a length within the "
+    n = whole_number(header_length)
+    if n is None or n > len(body):
+        raise ApiError(400, "invalid_request", f"{HEADER_LENGTH}: {header_length[:40]!r} is not a length within the "
                        f"{len(body):,}-byte body")
-    n = int(header_length)
     if n > max_json_bytes:
         raise ApiError(413, "body_too_large", f"the JSON header exceeds {max_json_bytes:,} bytes (--max-json-mb)")
     return body[:n], memoryview(body)[n:]

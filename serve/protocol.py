@@ -1,5 +1,6 @@
 """Connection hygiene under uvicorn: uvicorn's HTTP protocols with a request-head deadline, a cap on request-head
-size and on open connections, and the project's JSON error shape for what uvicorn answers in plain text.
+size, on open connections and on pipelined requests, a deadline for answers to drain, and the project's JSON error
+shape for what uvicorn answers in plain text.
 
 uvicorn has a keep-alive timeout (``timeout_keep_alive``: idle between requests) but no deadline for a request's
 head: a connection that sends half a request line, or one header byte every few seconds, stays open for ever, and
@@ -7,6 +8,14 @@ enough of them exhaust the open-file limit. Here every request head must be comp
 connection opened or the previous response was sent (408, closed); a head larger than ``max_header_bytes`` is a 431
 (httptools; uvicorn's h11 limit answers 400); a connection beyond ``max_connections`` is answered 503 with
 Retry-After and closed; a request that is not HTTP is a 400 — all in the ``{"error", "type", "status"}`` shape.
+
+Pipelining: uvicorn's httptools protocol parses every request of what it read at once and queues them all (60,000
+``GET /healthz`` in one send were 60,000 queued requests, 1 GB), and nothing closes a connection whose answers the
+client never reads. Here the httptools protocol feeds its parser in slices small enough that at most
+``max_pipelined`` requests (with at most ``max_header_bytes`` of heads) wait behind the one being answered, keeps
+the rest of what it read and stops reading until answers have been sent (uvicorn's h11 protocol already parses one
+request at a time); and a connection whose written answers have not drained ``write_timeout_s`` after its transport
+asked to stop writing is dropped, its unsent answers with it.
 
 The limits come from the Settings of the app being served (its ServeState), so ``--workers N`` processes, which
 build their app from the environment, get the same ones. serve/cli.py passes ``protocol_class()`` to uvicorn.
@@ -18,11 +27,15 @@ import http
 import json
 
 import h11
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serve.limits import connection_limit
 
 RETRY_AFTER_S = 1
+# The fewest bytes a complete request takes ("PUT / HTTP/1.1\n\n"): a slice of k times this completes at most k
+# requests (and one begun before it), which is how the parser is fed no more requests than there is room for.
+MIN_REQUEST_BYTES = 16
 
 
 def raw_response(status: int, kind: str, message: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
@@ -55,6 +68,8 @@ class _Guard:
     header_timeout_s = 10.0
     max_header_bytes = 32 * 1024
     max_connections = 1000
+    max_pipelined = 16
+    write_timeout_s = 10.0
 
     def _guard_init(self) -> None:
         state = _serve_state(self.app)
@@ -63,7 +78,9 @@ class _Guard:
             settings = state.settings
             self.header_timeout_s, self.max_header_bytes = settings.header_timeout_s, settings.max_header_bytes
             self.max_connections = connection_limit(settings)
+            self.max_pipelined, self.write_timeout_s = settings.max_pipelined, settings.write_timeout_s
         self._head_timer = None
+        self._write_timer = None
         self._head_bytes = 0
         self._reply: tuple[int, str, str, tuple] | None = None
 
@@ -80,7 +97,40 @@ class _Guard:
 
     def connection_lost(self, exc) -> None:
         self._disarm_head_timer()
+        self._disarm_write_timer()
+        self._abandon_answer()
         super().connection_lost(exc)
+
+    def _abandon_answer(self) -> None:
+        """Tell the request being answered that its client is gone (uvicorn tells only the last request parsed,
+        which is not the one being answered on a pipelining connection: that one then wrote to a closed transport)."""
+        cycle = getattr(self, "_active_cycle", None) or self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+
+    # -- the write deadline: answers the client does not read
+
+    def pause_writing(self) -> None:
+        """The transport holds more than its high-water mark of unsent answers: they must drain in time."""
+        super().pause_writing()
+        if self._write_timer is None and not self.transport.is_closing():
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        self._disarm_write_timer()
+        super().resume_writing()
+
+    def _disarm_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        self._count("write_timeout")
+        self._abandon_answer()  # now, not when the loop reports the loss: nothing more is written
+        self.transport.abort()  # close() would wait for the unsent answers to drain first: for ever
 
     # -- the request-head deadline
 
@@ -130,6 +180,19 @@ try:  # httptools is in the serve extra; uvicorn falls back to h11 without it, a
 except ImportError:
     HttpToolsProtocol = None
 
+class _HeldFlow(FlowControl):
+    """uvicorn's flow control, except that reading stays paused while the protocol ``holds`` input (it has read
+    more than it has room to parse): uvicorn resumes reading whenever a request reads its body or an answer is sent."""
+
+    def __init__(self, transport, holds) -> None:
+        super().__init__(transport)
+        self._holds = holds
+
+    def resume_reading(self) -> None:
+        if not self._holds():
+            super().resume_reading()
+
+
 if HttpToolsProtocol is not None:
 
     class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
@@ -138,6 +201,73 @@ if HttpToolsProtocol is not None:
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self._guard_init()
+            self._unread = b""  # read but not parsed: no room for the requests it may hold
+            self._active_cycle = None
+            self._body_left = 0  # Content-Length bytes of the request being parsed still to come
+            self._queued_head_bytes = 0  # heads of the requests waiting in uvicorn's pipeline
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.flow = _HeldFlow(transport, self._holds)
+
+        def connection_lost(self, exc) -> None:
+            self._unread = b""
+            super().connection_lost(exc)
+
+        # -- the pipelining cap
+
+        def _room(self) -> int:
+            """How many more requests may be parsed now: queued ones count against ``max_pipelined`` and their heads
+            against ``max_header_bytes``."""
+            if self._queued_head_bytes >= self.max_header_bytes:
+                return 0
+            return self.max_pipelined - len(self.pipeline)
+
+        def _holds(self) -> bool:
+            return bool(self._unread) or self._room() <= 0
+
+        def data_received(self, data: bytes) -> None:
+            if self._unread:  # in order behind what is held (reading is paused: not expected)
+                data, self._unread = self._unread + data, b""
+            self._feed(data)
+
+        def _feed(self, data: bytes) -> None:
+            """Parse ``data`` in slices that complete at most as many requests as there is room for; keep the rest
+            (and stop reading) when there is none."""
+            view, start = memoryview(data), 0
+            while start < len(view):
+                if self.parser is None or self.transport.is_closing() or self.transport.get_protocol() is not self:
+                    return  # closed or refused (a 400 was sent), or upgraded
+                room = self._room()
+                if room <= 0:
+                    self._unread = bytes(view[start:])
+                    self.flow.pause_reading()
+                    return
+                end = start + self._body_left + room * MIN_REQUEST_BYTES
+                super().data_received(view[start:end])
+                start = end
+
+        def _feed_held(self) -> None:
+            if self.parser is None or self.transport.is_closing():
+                return
+            data, self._unread = self._unread, b""
+            if data:
+                self._feed(data)
+            self.flow.resume_reading()  # a no-op while something is still held
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # starts the next queued request, if any: room for one more
+            if not self.transport.is_closing() and not self._holds():
+                self.flow.resume_reading()
+            elif self._unread and self._room() > 0:
+                self.loop.call_soon(self._feed_held)  # not inside the sending request's task
+
+        def _start_asgi_task(self, cycle, app) -> None:
+            self._queued_head_bytes -= getattr(cycle, "serve_queued_head_bytes", 0)
+            self._active_cycle = cycle  # the request being answered (self.cycle is the last one parsed)
+            super()._start_asgi_task(cycle, app)
+
+        # -- parser callbacks
 
         def _count_head(self, n: int) -> None:
             self._head_bytes += n
@@ -149,6 +279,7 @@ if HttpToolsProtocol is not None:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_bytes = 0
+            self._body_left = 0
             self._arm_head_timer()
 
         def on_url(self, url: bytes) -> None:
@@ -162,6 +293,20 @@ if HttpToolsProtocol is not None:
         def on_headers_complete(self) -> None:
             self._disarm_head_timer()
             super().on_headers_complete()
+            lengths = [value for name, value in self.headers if name in (b"content-length", b"transfer-encoding")]
+            if len(lengths) == 1 and lengths[0].isdigit() and len(lengths[0]) <= 18:  # a Content-Length alone
+                self._body_left = int(lengths[0])
+            if self.pipeline and self.pipeline[0][0] is self.cycle:  # queued behind a request being answered
+                self.cycle.serve_queued_head_bytes = self._head_bytes
+                self._queued_head_bytes += self._head_bytes
+
+        def on_body(self, body: bytes) -> None:
+            self._body_left = max(0, self._body_left - len(body))
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            self._body_left = 0
+            super().on_message_complete()
 
 else:
     GuardedHttpToolsProtocol = None

@@ -71,6 +71,10 @@ class Settings:
                                      flag="header-timeout")
     keep_alive_s: float = option(5.0, "seconds an idle keep-alive connection stays open", flag="keep-alive")
     max_header_bytes: int = option(32 * 1024, "largest request head (request line and headers; beyond: 431)")
+    max_pipelined: int = option(16, "requests one connection may have queued behind the one being answered "
+                                "(HTTP pipelining; beyond, the server stops reading it until answers are sent)")
+    write_timeout_s: float = option(10.0, "seconds a connection's answers may wait for a client that does not read "
+                                    "them (then closed)", flag="write-timeout")
     max_queue_images: int = option(4096, "images queued per model before the server sheds load with 503")
     default_top_k: int = option(5, "labels per image when a request gives no top_k")
     warmup: bool = option(True, "run each model once at every batch size before serving", cli=False)
@@ -81,7 +85,7 @@ class Settings:
             raise UserError("nothing to serve: give an EXPORT_DIR or --model-repo DIR")
         positive = ("max_batch", "workers", "max_body_bytes", "max_json_bytes", "max_pixels", "max_request_pixels",
                     "max_images", "max_queue_images", "default_top_k", "decode_memory_bytes", "buffered_bytes",
-                    "max_concurrent_requests", "max_connections", "max_header_bytes")
+                    "max_concurrent_requests", "max_connections", "max_header_bytes", "max_pipelined")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
@@ -89,7 +93,7 @@ class Settings:
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
         for name, flag in (("request_timeout_s", "request-timeout"), ("header_timeout_s", "header-timeout"),
-                           ("keep_alive_s", "keep-alive")):
+                           ("keep_alive_s", "keep-alive"), ("write_timeout_s", "write-timeout")):
             if not getattr(self, name) > 0:  # NaN too
                 raise UserError(f"{flag}={getattr(self, name)} must be > 0")
         if not 0 <= self.repo_poll_s < math.inf:  # NaN too

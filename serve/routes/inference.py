@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 
 from serve.auth import authorize
 from serve.engine import Overloaded
-from serve.errors import ApiError
+from serve.errors import ApiError, whole_number
 from serve.inputs import INLINE_PIXELS, Header, HeaderCheck, decode_array, decode_opened
 from serve.jsonparse import b64_payload, parse_body, predict_payload
 from serve.limits import HELD_KEY, BudgetSpent
@@ -67,9 +67,10 @@ def _top_k(value: str | None) -> int | None:
     """The ``top_k`` query parameter: None when absent, else an integer 1.._TOP_K_MAX (422 otherwise)."""
     if value is None:
         return None
-    if not value.strip().isdecimal() or not 1 <= int(value) <= _TOP_K_MAX:
-        raise ApiError(422, "invalid_parameter", f"top_k={value!r} must be an integer from 1 to {_TOP_K_MAX}")
-    return int(value)
+    k = whole_number(value)
+    if k is None or not 1 <= k <= _TOP_K_MAX:
+        raise ApiError(422, "invalid_parameter", f"top_k={value[:40]!r} must be an integer from 1 to {_TOP_K_MAX}")
+    return k
 
 
 async def _bounded(coro, stage: list[str], timeout_s: float):
@@ -110,7 +111,8 @@ async def _read_body(request: Request, limit: int, what: str, flag: str) -> byte
     """The body, refused with 413 (on Content-Length when given) past ``limit`` bytes."""
     length = request.headers.get("content-length", "")
     too_large = ApiError(413, "body_too_large", f"{what} exceeds {limit:,} bytes ({flag})")
-    if length.isdigit() and int(length) > limit:
+    digits = length.strip()
+    if digits.isdigit() and (len(digits) > 18 or int(digits) > limit):  # (checked before int(): 5,000 digits)
         raise too_large
     chunks, seen = [], 0
     async for chunk in request.stream():

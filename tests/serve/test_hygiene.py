@@ -45,6 +45,13 @@ def _png() -> bytes:
 @contextlib.contextmanager
 def live_server(export_dir: Path, http: str = "auto", **overrides):
     """A real uvicorn server with the production options (serve.cli.uvicorn_options) on 127.0.0.1; yields its port."""
+    with live_uvicorn(export_dir, http, **overrides) as (port, _):
+        yield port
+
+
+@contextlib.contextmanager
+def live_uvicorn(export_dir: Path, http: str = "auto", **overrides):
+    """``live_server`` that yields (port, the uvicorn.Server): its connections can be looked at."""
     settings = Settings(export_dirs=(str(export_dir),), **overrides)
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(settings), **uvicorn_options(settings, "warning", http)))
@@ -55,7 +62,7 @@ def live_server(export_dir: Path, http: str = "auto", **overrides):
         while not server.started:
             assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.02)
-        yield sock.getsockname()[1]
+        yield sock.getsockname()[1], server
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -156,6 +163,72 @@ def test_connections_beyond_the_cap_get_a_json_503_with_retry_after(export_dir, 
                 break
             time.sleep(0.05)
         assert answer.startswith(b"HTTP/1.1 200")
+
+
+def _pipeliner(port: int, path: str, count: int) -> socket.socket:
+    """A connection with a 2 KB receive buffer that sends ``count`` pipelined ``GET path`` and never reads: as many
+    as the server takes before it stops reading (until writing blocks for 2 s in a row)."""
+    conn = socket.socket()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn.connect(("127.0.0.1", port))
+    conn.setblocking(False)
+    burst = memoryview(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * count)
+    import select
+
+    while burst and select.select([], [conn], [], 2.0)[1]:
+        with contextlib.suppress(BlockingIOError):
+            burst = burst[conn.send(burst):]
+    return conn
+
+
+def _wait_for(condition, what: str, seconds: float = 30) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``seconds`` (a bound, not a measurement)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.02)
+
+
+def _classify(port: int) -> int:
+    conn = _connect(port)
+    body = _png()
+    conn.sendall(b"POST /v1/models/tiny:classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                 b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return _json_answer(_read_all(conn))[0]
+
+
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_pipelining_without_reading_is_capped_and_holds_no_request_slot(export_dir, http):
+    """Connections that pipeline thousands of requests and never read the answers: each has at most
+    ``max_pipelined`` requests queued (the server stops reading it), none holds one of the in-progress slots while
+    its answers wait, and a well-behaved :classify is answered 200 meanwhile."""
+    with live_uvicorn(export_dir, http, max_pipelined=4, max_concurrent_requests=2, write_timeout_s=600) as (
+            port, server):
+        attackers = [_pipeliner(port, "/openapi.json", 3000) for _ in range(3)]  # more than the 2 slots
+        _wait_for(lambda: len(server.server_state.connections) == 3 and all(
+            p.flow.write_paused for p in server.server_state.connections), "every attacker's answers block")
+        for protocol in server.server_state.connections:
+            if http == "httptools":
+                assert len(protocol.pipeline) <= 4 + 1  # the cap (and one begun in the last slice)
+                assert len(protocol._unread) <= 256 * 1024  # at most one read held, the rest left in the kernel
+                assert protocol.flow.read_paused
+            else:  # h11 parses one request at a time: what it read waits in its buffer, at most a read or two
+                assert len(protocol.conn.trailing_data[0]) <= 512 * 1024
+        assert server.server_state.total_requests < 3 * 3000
+        assert _classify(port) == 200  # the 3 stuck answers hold no slot
+        for conn in attackers:
+            conn.close()
+
+
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_answers_that_do_not_drain_close_the_connection_at_the_write_deadline(export_dir, http):
+    with live_uvicorn(export_dir, http, write_timeout_s=0.5) as (port, server):
+        attacker = _pipeliner(port, "/healthz", 60_000)
+        # still open on the client's side, unread: the server drops it, its unsent answers with it
+        _wait_for(lambda: not server.server_state.connections, "the server drops the connection")
+        assert _classify(port) == 200
+        attacker.close()
 
 
 def test_a_refusal_before_the_body_is_read_closes_the_connection(export_dir):
