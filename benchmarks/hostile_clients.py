@@ -25,6 +25,13 @@ attacker process at lower CPU priority (nice 10: on a network the attacker would
                    one go and never read an answer (no API key needed)
     pipelined openapi  130 such connections that each pipeline 3,000 `GET /openapi.json` (each holds a request in
                    progress while its answers do not drain: more than --max-concurrent-requests, 128)
+    in-place reload  not a client attack but a careless deploy, on a server of its own (--model-repo, polled every
+                   --race-poll-s 0.05 s): the served export's model.onnx, manifest.json and labels.txt are rewritten
+                   in place (truncated and written, same inode) with export A, then B, then A ... (a random pause of
+                   0-60 ms after each) while one client sends --race-requests :classify requests of one image. B is
+                   A with its outputs permuted (other weights in effect) and other labels, so every answer says what
+                   produced it: A's label for the image, B's, or a mix of one's labels and the other's weights.
+                   Target: 0 mixed answers, and B (written last) served under its sha256 once the writer stops.
 
 After each attack phase the server's resident memory is read again once the attacker has left (--settle seconds
 later): "after" in the table, with the idle memory measured before the first phase.
@@ -72,7 +79,8 @@ MB = 2**20
 HOST = "127.0.0.1"
 BIG_SIDE = 6300
 ATTACKS = ("large PNG", "half headers", "slow bodies", "16 MB JSON", "JSON at cap", "20% malformed",
-           "pipelined healthz", "pipelined openapi")
+           "pipelined healthz", "pipelined openapi", "in-place reload")
+SEPARATE = {"in-place reload"}  # runs on a server of its own (reload_race), not as a phase
 LONG_PHASES = {"half headers", "slow bodies"}  # longer than the server's header (10 s) and request (30 s) timeouts
 PIPELINING = {"pipelined healthz", "pipelined openapi"}  # also held to: memory back near idle, no good request lost
 DOCUMENTED_503 = {"overloaded", "timeout", "too_many_connections", "not_ready"}
@@ -459,6 +467,107 @@ def role_main(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- in-place reload
+
+
+def reload_race(args, export_dir: Path, work: Path, env: dict) -> dict:
+    """The "in-place reload" run (see the module docstring): how many answers mixed one export's labels with the
+    other's weights, and whether what is served once the writer stops is the last export written."""
+    import hashlib
+    import random
+    import urllib.request
+
+    from serve_fixtures import permuted_copy, relabel_copy, rewrite_in_place
+    from serve_load import _free_port
+
+    from export.contract import ExportDir
+
+    classes = ExportDir.open(export_dir).classes
+    shift = (*range(1, len(classes)), 0)
+    a = relabel_copy(export_dir, work / "race-a", classes)
+    b = permuted_copy(export_dir, work / "race-b", shift, tuple(f"b-{classes[i]}" for i in shift))
+    repo = work / "race-repo"
+    repo.mkdir()
+    relabel_copy(export_dir, repo / "alpha", classes)
+    port = _free_port()
+    log = open(work / "race-server.log", "w+")  # noqa: SIM115  (read back on failure)
+    server = subprocess.Popen([sys.executable, "-m", "serve", "--model-repo", str(repo), "--repo-poll-s",
+                               str(args.race_poll_s), "--host", HOST, "--port", str(port), "--log-level", "error"],
+                              cwd=ROOT, env=env, stdout=log, stderr=log)
+    image = _png(np.tile(np.array([220, 30, 30], np.uint8), (20, 20, 1)))
+    path = "/v1/models/alpha:classify?top_k=1"
+    done, rewrites = threading.Event(), [0]
+
+    def writer() -> None:
+        rng = random.Random(0)
+        while not done.is_set():
+            rewrite_in_place(repo / "alpha", (a, b)[rewrites[0] % 2])
+            rewrites[0] += 1
+            time.sleep(rng.uniform(0, 0.06))
+        rewrite_in_place(repo / "alpha", b)
+
+    async def ask(conn: Connection) -> str:
+        status, _, body = await asyncio.wait_for(conn.request("POST", path, image), 60)
+        return json.loads(body)["predictions"][0][0]["label"] if status == 200 else f"{status} {_kind(status, body)}"
+
+    async def client() -> tuple[str, dict, str]:
+        conn = Connection(port)
+        first = await ask(conn)  # A's answer for the image; B's is "b-" + it
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        answers: dict[str, int] = {}
+        try:
+            for _ in range(args.race_requests):
+                try:
+                    label = await ask(conn)
+                except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+                    label = "connection error"
+                    conn.close()
+                answers[label] = answers.get(label, 0) + 1
+        finally:
+            done.set()
+            await asyncio.to_thread(thread.join, 30)
+        final, deadline = "", time.monotonic() + 30
+        while time.monotonic() < deadline and final != f"b-{first}":
+            await asyncio.sleep(0.1)
+            final = await ask(conn)
+        conn.close()
+        return first, answers, final
+
+    try:
+        deadline = time.monotonic() + 120
+        while not _alive(port):
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise SystemExit(f"the in-place reload server did not start:\n{log.read()[-3000:]}")
+            time.sleep(0.2)
+        first, answers, final = asyncio.run(client())
+        served = json.loads(urllib.request.urlopen(f"http://{HOST}:{port}/v1/models/alpha/metadata",
+                                                   timeout=10).read())["model"]["sha256"]
+        metrics = urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10).read().decode()
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        log.close()
+
+    def counter(name: str) -> float:
+        return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + "{"))
+
+    consistent = {first, f"b-{first}"}
+    labels = set(classes) | {f"b-{c}" for c in classes}
+    return {"requests": sum(answers.values()), "consistent": sum(n for k, n in answers.items() if k in consistent),
+            "mixed": sum(n for k, n in answers.items() if k in labels - consistent),
+            "other": {k: n for k, n in answers.items() if k not in labels}, "rewrites": rewrites[0],
+            "reloads": counter("serve_model_reloads_total"),
+            "refused": counter("serve_model_reload_failures_total"), "final": final,
+            "final_is_b": final == f"b-{first}" and served == hashlib.sha256((b / "model.onnx").read_bytes())
+            .hexdigest()}
+
+
 # ---------------------------------------------------------------------------------------------- the orchestra
 
 
@@ -618,6 +727,9 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=5.0,
                         help="seconds after an attack before the server's memory is read again")
     parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset of the attacks")
+    parser.add_argument("--race-requests", type=int, default=2000,
+                        help="in-place reload: :classify requests while the export is rewritten")
+    parser.add_argument("--race-poll-s", type=float, default=0.05, help="in-place reload: the server's --repo-poll-s")
     # client roles (this script runs itself as the well-behaved and the attacking processes)
     parser.add_argument("--role", choices=("good", "attack"), help=argparse.SUPPRESS)
     parser.add_argument("--attack", help=argparse.SUPPRESS)
@@ -641,6 +753,25 @@ def main() -> int:
     from export.contract import ExportDir
 
     model = ExportDir.open(export_dir).name
+    race_failures = []
+    if "in-place reload" in attacks:
+        print("in-place reload ...", file=sys.stderr, flush=True)
+        race = reload_race(args, export_dir, Path(tmp.name), {**os.environ, "PYTHONPATH": str(ROOT)})
+        print(f"\nin-place reload: {race['requests']} :classify answers while the export was rewritten in place "
+              f"{race['rewrites']} times (server polling every {args.race_poll_s:g} s: {race['reloads']:.0f} "
+              f"reloads, {race['refused']:.0f} refused): {race['consistent']} consistent, {race['mixed']} mixed "
+              f"(one export's labels with the other's weights), other {race['other'] or 'none'}; after the writer "
+              f"stopped, the last export written is served under its sha256: {'yes' if race['final_is_b'] else 'NO'}")
+        if race["mixed"]:
+            race_failures.append(f"in-place reload: {race['mixed']} mixed answers")
+        if not race["final_is_b"]:
+            race_failures.append(f"in-place reload: the last export written is not what is served ({race['final']})")
+        attacks = [a for a in attacks if a not in SEPARATE]
+        if not attacks:
+            tmp.cleanup()
+            if race_failures:
+                print("\nMISSED: " + "; ".join(race_failures))
+            return 1 if race_failures else 0
     from serve_load import _free_port
 
     port = _free_port()
@@ -729,6 +860,7 @@ def main() -> int:
         failures.append("the server is not alive at the end")
     if undocumented:
         failures.append(f"undocumented 5xx in /metrics: {undocumented}")
+    failures += race_failures
     if failures:
         print("\nMISSED: " + "; ".join(failures))
         print("\nserver log (tail):\n" + server_log[-3000:])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from export.card import write_card
-from export.contract import BENCH, FAILED_EXPORT, FILE_KEY, SIZE_KEY, STATUS_KEY, ExportDir
+from export.contract import BENCH, FAILED_EXPORT, FILE_KEY, SIZE_KEY, STATUS_KEY, ExportDir, Untrusted
 from export.formats import FORMATS
 from transfer import rundir
 from transfer.config import BenchConfig
@@ -67,14 +67,15 @@ def bench(export_dir: Path, settings: BenchConfig | None = None) -> dict:
         results[name] = result
         if row is None or entry.get(STATUS_KEY) == FAILED_EXPORT or not export.path_of(name).exists():
             continue
-        refused = export.untrusted(name)  # only an artifact whose sha256 the manifest lists is loaded
-        if refused:
+        try:  # only an artifact whose sha256 the manifest lists is loaded: from the very bytes that were hashed
+            artifact = export.read_artifact(name)
+        except Untrusted as refused:
             result["error"] = f"not loaded: {refused}"
             print(f"bench: {name} not loaded: {refused}", file=sys.stderr, flush=True)
             continue
         print(f"bench: {name}", flush=True)
         t0 = time.perf_counter()
-        predictor = row.load(export.path_of(name), num_threads=threads)
+        predictor = row.load(artifact, num_threads=threads)
         predictor(sample_batch(shape, 1))
         result["load_seconds"] = time.perf_counter() - t0
         for batch in BATCH_SIZES:

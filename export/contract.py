@@ -10,6 +10,10 @@ about its layout lives here (no TensorFlow, no NumPy)::
     evaluation.json  the source run's test evaluation, copied (per-class metrics, confusion matrix) (EVALUATION)
     MODEL_CARD.md    the model card, generated from the files above (CARD; export.card), re-rendered by bench
     <format files>   one per row of the format table (export.formats), named by the entry's "file"
+
+An artifact is loaded from one read (:meth:`ExportDir.read_artifact`, an :class:`Artifact`): its bytes are read
+once, their sha256 checked against the manifest and the runtime opened from those very bytes, never from the path
+again, so a file rewritten in place meanwhile cannot be loaded under the digest of what it held before.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transfer.errors import UserError
@@ -102,6 +107,51 @@ def _labels(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
+class Untrusted(UserError):
+    """An artifact that must not be loaded (missing, no sha256 listed, another sha256); ``str()`` says why in a few
+    words (``model.onnx is missing``), for callers to put in their own line."""
+
+
+@dataclass(frozen=True, eq=False)
+class Artifact:
+    """An artifact read once: a file's bytes (``content``) or a private copy of a directory (``snapshot``, a
+    SavedModel), with the sha256 of exactly what was read (computed as :func:`sha256_of` computes it for the path).
+    Runtimes load these bytes or this copy, so what runs is what was hashed."""
+
+    path: Path  # where it was read from (for messages)
+    sha256: str
+    content: bytes | None = None
+    snapshot: Path | None = None
+    keep: object = field(default=None, repr=False)  # the TemporaryDirectory holding ``snapshot`` (removed with it)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Artifact:
+        """Read ``path`` once (a file into memory, a directory into a private temporary copy) and hash that read.
+        Raises OSError when it cannot be read."""
+        path = Path(path)
+        if not path.is_dir():
+            content = path.read_bytes()
+            return cls(path, hashlib.sha256(content).hexdigest(), content=content)
+        keep = tempfile.TemporaryDirectory(prefix=".artifact-")
+        snapshot = Path(keep.name) / path.name
+        snapshot.mkdir()
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            relative = file.relative_to(path)
+            digest.update(str(relative).encode() + b"\0")
+            (snapshot / relative).parent.mkdir(parents=True, exist_ok=True)
+            with open(file, "rb") as source, open(snapshot / relative, "wb") as copy:
+                while chunk := source.read(1 << 20):
+                    digest.update(chunk)
+                    copy.write(chunk)
+        return cls(path, digest.hexdigest(), snapshot=snapshot, keep=keep)
+
+    @property
+    def location(self) -> str:
+        """What a runtime that wants a path opens: the private copy of a directory, else the path read."""
+        return str(self.snapshot or self.path)
+
+
 @dataclass(frozen=True)
 class ExportDir:
     """A checked export directory: manifest, classes and input spec (no runtime opened). Make one with ``open``."""
@@ -111,6 +161,7 @@ class ExportDir:
     manifest: dict
     classes: tuple[str, ...]
     input_shape: tuple[int, int, int]  # (H, W, C) of the raw-pixel input
+    manifest_sha256: str = ""  # of the very manifest.json bytes ``manifest`` was parsed from
 
     @staticmethod
     def is_export_dir(path: str | os.PathLike) -> bool:
@@ -129,7 +180,8 @@ class ExportDir:
             raise UserError(f"{path} is not an export directory (no {MANIFEST}); create one with "
                             "`transfer export RUN_DIR`")
         try:
-            manifest = json.loads(file.read_text(encoding="utf-8"))
+            raw = file.read_bytes()
+            manifest = json.loads(raw.decode("utf-8"))
         except (OSError, ValueError) as exc:
             raise UserError(f"{file} is unreadable: {exc}") from exc
         if not isinstance(manifest, dict):
@@ -153,7 +205,8 @@ class ExportDir:
         name = name or path.resolve().name
         if check_name and not NAME_PATTERN.match(name):
             raise UserError(f"model name {name!r} is not usable in URLs; use letters, digits, '.', '_', '-'")
-        return cls(path=path, name=name, manifest=manifest, classes=tuple(classes), input_shape=tuple(shape))
+        return cls(path=path, name=name, manifest=manifest, classes=tuple(classes), input_shape=tuple(shape),
+                   manifest_sha256=hashlib.sha256(raw).hexdigest())
 
     # ------------------------------------------------------------------ manifest facts
 
@@ -222,6 +275,41 @@ class ExportDir:
         if sha256_of(path) != expected:
             return f"{path.name} does not match the sha256 in {MANIFEST} (corrupt or replaced)"
         return None
+
+    def read_artifact(self, fmt: str) -> Artifact:
+        """``fmt``'s artifact read once, with the sha256 the manifest lists checked on the bytes read (raises
+        :class:`Untrusted` otherwise: missing, unreadable, unlisted or another sha256). Load the runtime from what
+        this returns, never from the path: the file may be rewritten between two reads.
+
+        The manifest is read again afterwards: when it changed meanwhile (an export rewritten in place), the labels
+        this ExportDir holds may not be the ones of the bytes read, so that is refused too (try again later)."""
+        path = self.path_of(fmt)
+        expected = self.entry(fmt).get(SHA256_KEY)
+        if not path.exists():
+            raise Untrusted(f"{path.name} is missing")
+        if not expected:
+            raise Untrusted(f"{MANIFEST} lists no sha256 for {path.name}")
+        try:
+            artifact = Artifact.read(path)
+        except OSError as exc:  # removed or replaced while read
+            raise Untrusted(f"{path.name} could not be read ({exc.strerror or exc})") from exc
+        if artifact.sha256 != expected:
+            raise Untrusted(f"{path.name} does not match the sha256 in {MANIFEST} (corrupt or replaced)")
+        self.check_unchanged()
+        return artifact
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`Untrusted` when manifest.json no longer holds the bytes this ExportDir was opened from (the
+        export changed while it was read)."""
+        if not self.manifest_sha256:
+            return
+        try:
+            now = hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
+        except OSError:
+            now = None
+        if now != self.manifest_sha256:
+            raise Untrusted(f"{MANIFEST} changed while the export was read (rewritten in place?); try again once "
+                            "it is complete")
 
     def check_sha256(self, fmt: str) -> str:
         """The sha256 of ``fmt``'s artifact; a UserError when it is missing, unlisted or differs from the manifest's."""

@@ -42,6 +42,7 @@ from export.contract import (
     VERIFY,
     VERSIONS_KEY,
     ExportDir,
+    Untrusted,
     sha256_of,
     size_of,
 )
@@ -120,6 +121,12 @@ def _remove(path: Path) -> None:
 # in with two renames (the old directory goes to ``.<name>.old-<host>-<pid>`` and is removed), so a directory never
 # mixes two exports: a reader sees the old export or the new one. A killed export leaves its staging directory; the
 # next export to the same destination removes it once its process is gone (and finishes an interrupted swap).
+#
+# Two exports never race into one destination: each holds ``.<name>.lock`` beside it (flock, non-blocking) from its
+# first look at the destination to its commit, so a second one is refused at once (one line, exit 2) and nothing of
+# it is written. Where that lock cannot be taken (no flock, a file system that ignores it), the commit re-checks the
+# destination: one changed since the export looked at it (another writer committed meanwhile) is not replaced, and
+# this export is refused instead of silently undoing the other.
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname()) or "host"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>export|old)-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)$")
@@ -164,13 +171,72 @@ def clean_stale(out: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _identity(out: Path) -> tuple | None:
+    """What the destination is now (None: nothing there): its inode and its manifest's bytes; another export
+    committed into it changes both."""
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return None
+    try:
+        manifest = (out / MANIFEST).read_bytes()
+    except OSError:
+        manifest = None
+    return st.st_dev, st.st_ino, manifest
+
+
+class _OutLock:
+    """``.<name>.lock`` beside the destination, held with flock from ``acquire`` until ``release`` (which removes
+    it); a second holder is refused at once with a one-line UserError."""
+
+    def __init__(self, out: Path):
+        self.out, self.path, self.fd = out, out.parent / f".{out.name}.lock", None
+
+    def acquire(self) -> bool:
+        """Take the lock (True), or False where this system has no flock (the commit's re-check still holds)."""
+        try:
+            import fcntl
+        except ImportError:
+            return False
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(f"export directory '{self.out}' is being written by another export right now; "
+                                "wait for it to finish (then export again), or pass --out DIR") from None
+            except OSError:  # a file system without locks
+                os.close(fd)
+                return False
+            try:
+                held = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                held = False
+            if held:
+                self.fd = fd
+                return True
+            os.close(fd)  # its holder released and removed it while we waited for it: lock the one there now
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still held: whoever opens the path next makes a new one
+            os.close(self.fd)
+            self.fd = None
+
+
 class _Staging:
-    """The staging directory of one export (see above): ``open``, fill ``path``, then ``commit`` or ``discard``."""
+    """The staging directory of one export (see above): ``open`` (which takes the destination's lock), ``look``
+    at the destination, fill ``path``, then ``commit`` or ``discard`` (either releases the lock)."""
 
     def __init__(self, out: Path):
         self.out = out
         self.path = _temporary(out, "export")
         self.created: list[Path] = []  # parent directories this export made (removed again if it fails)
+        self.lock = _OutLock(out)
+        self.seen: tuple | None = None  # the destination as ``look`` found it
+        self.made = False  # ``path`` is this export's (not yet made, or refused before: not to be removed)
 
     def open(self) -> Path:
         try:
@@ -178,25 +244,41 @@ class _Staging:
             for parent in reversed(missing):
                 parent.mkdir()
                 self.created.append(parent)
+            self.lock.acquire()
+            self.made = True
             _remove(self.path)
             self.path.mkdir()
         except OSError as exc:
             self.discard()
             raise UserError(f"export directory '{self.out}' is not writable ({exc.strerror or exc}); "
                             "pass --out DIR (a directory you can write)") from exc
+        except BaseException:
+            self.discard()
+            raise
         return self.path
 
+    def look(self) -> None:
+        """Remember the destination as it is now: ``commit`` replaces only that."""
+        self.seen = _identity(self.out)
+
     def commit(self) -> None:
+        if _identity(self.out) != self.seen:
+            raise UserError(f"export directory '{self.out}' was written by another export while this one ran; it "
+                            "is left as that export made it and nothing of this one is kept; export again to "
+                            "replace it, or pass --out DIR")
         old = None
         if os.path.lexists(self.out):
             old = _temporary(self.out, "old")
             os.replace(self.out, old)
         os.replace(self.path, self.out)
+        self.lock.release()
         if old is not None:
             _remove(old)
 
     def discard(self) -> None:
-        _remove(self.path)
+        if self.made:
+            _remove(self.path)
+        self.lock.release()
         for parent in reversed(self.created):
             with contextlib.suppress(OSError):  # not empty: someone else put something there
                 parent.rmdir()
@@ -285,11 +367,12 @@ def run_export(cfg: ExportConfig) -> ExportResult:
             raise UserError(f"--opset {cfg.options.opset} is too old for {row.name}, which needs {row.min_opset} or "
                             f"later; pass --opset {row.min_opset} or drop {row.name} from --formats")
     out = Path(cfg.out) if cfg.out else default_out(run_dir, source["name"])
-    clean_stale(out)
-    previous = _previous_export(out, run_dir, source, cfg.overwrite)
     staging = _Staging(out)
-    stage = staging.open()
+    stage = staging.open()  # --out's lock first: what is checked below is what the commit replaces
     try:
+        clean_stale(out)
+        previous = _previous_export(out, run_dir, source, cfg.overwrite)
+        staging.look()
         manifest, reports = _export_into(stage, out, cfg, run_dir, source, rows, previous)
         staging.commit()
     except BaseException:
@@ -474,14 +557,16 @@ def reverify(export_dir: Path, samples: int | None = None, *, trust_hub: bool = 
     for name, entry in entries.items():
         if entry.get(STATUS_KEY) == FAILED_EXPORT or name not in FORMATS:
             continue
-        refused = export.untrusted(name)
-        entry["sha256_matches"] = refused is None
-        if refused:
+        try:  # read once: the runtime opens the bytes whose sha256 was checked, not the path again
+            artifact = export.read_artifact(name)
+        except Untrusted as refused:
+            entry["sha256_matches"] = False
             predictors[name] = None
             entry["error"] = f"not loaded: {refused}"
             continue
+        entry["sha256_matches"] = True
         try:
-            predictors[name] = FORMATS[name].load(export.path_of(name))
+            predictors[name] = FORMATS[name].load(artifact)
         except ReachesOutside:  # a graph that would run ops outside the model is refused, not verified
             raise
         except Exception as exc:  # a damaged artifact fails verification (traceback kept for bugs)

@@ -20,7 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import FAILED_EXPORT, INPUT_CONTRACT, LABELS, ONNX_OUTPUT, PIXEL_RANGE, STATUS_KEY, ExportDir
+from export.contract import (
+    FAILED_EXPORT,
+    INPUT_CONTRACT,
+    LABELS,
+    ONNX_OUTPUT,
+    PIXEL_RANGE,
+    STATUS_KEY,
+    ExportDir,
+    Untrusted,
+)
 from export.runtimes import LITERT, ONNXRUNTIME, TENSORFLOW, Predictor, Runtime, int8_boundaries, native_output_logged
 from transfer.config import check_bounds, option
 from transfer.errors import UserError, unknown
@@ -104,7 +113,8 @@ class Format:
     min_opset: int | None = None  # the lowest --opset this format can be exported at (checked before any work)
 
     def load(self, path, num_threads: int | None = None) -> Predictor:
-        """The artifact at ``path`` in this format's runtime."""
+        """The artifact at ``path`` (or an export.contract.Artifact already read) in this format's runtime, opened
+        from one read of it."""
         return self.runtime.load(path, num_threads)
 
 
@@ -496,7 +506,8 @@ def load_format(export: ExportDir, fmt: str, num_threads: int | None = None, **r
     """``fmt``'s artifact of ``export`` loaded in its runtime (``runtime_options`` go to the loader).
 
     Any format row the export's manifest lists can be loaded; an unknown or unlisted format, a failed export, a
-    missing file or one its runtime cannot open is a one-line UserError.
+    missing file, one whose bytes do not have the sha256 the manifest lists or one its runtime cannot open is a
+    one-line UserError. The artifact is read once (ExportDir.read_artifact) and the runtime opened from that read.
     """
     listed = export.formats()
     if fmt not in FORMATS:
@@ -510,13 +521,14 @@ def load_format(export: ExportDir, fmt: str, num_threads: int | None = None, **r
     path = export.path_of(fmt)
     if not path.exists():
         raise UserError(f"{export.path} has no {fmt} model ({path.name} is missing); re-export with `transfer export`")
-    problem = export.untrusted(fmt)
-    if problem:
+    try:
+        artifact = export.read_artifact(fmt)  # read once: the runtime opens these bytes, whose sha256 was checked
+    except Untrusted as problem:
         raise UserError(f"{export.path}: {fmt} is not loaded: {problem}; re-export with "
-                        f"`transfer export RUN_DIR --formats {fmt}`")
+                        f"`transfer export RUN_DIR --formats {fmt}`") from None
     row = FORMATS[fmt]
     try:
-        return row.runtime.load(path, num_threads, **runtime_options)
+        return row.runtime.load(artifact, num_threads, **runtime_options)
     except UserError:
         raise
     except Exception as exc:  # each runtime raises its own exception types for files it cannot read

@@ -5,6 +5,10 @@ Every loader returns a :class:`Predictor`: ``predictor(batch) -> probabilities``
 with ``inputs`` and ``outputs`` describing the artifact's tensors (name, shape with None for dynamic dimensions,
 dtype; LiteRT adds quantization parameters). A missing runtime package is a one-line UserError naming it.
 
+A loader takes an :class:`export.contract.Artifact` (read once, hashed: what export.formats.load_format hands it) or
+a path, which it reads once into one; either way the runtime is opened from the bytes read (ONNX Runtime and LiteRT
+from memory, TensorFlow from the artifact's private copy), and ``Predictor.sha256`` is theirs.
+
 An artifact is data: before a SavedModel (or a TFLite model with TensorFlow "Flex" ops) is loaded, its graph is
 scanned for ops that reach outside the model (files, Python, the network: :func:`transfer.layers.unsafe_ops`, the
 check of TF Hub modules) and one that has any is refused with :class:`ReachesOutside`, a one-line UserError (exit 2)
@@ -25,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from export.contract import Artifact
 from transfer.errors import UserError
 
 
@@ -40,11 +45,11 @@ def refuse_outside_ops(path, ops: set[str]) -> None:
                              "export directory is data, so re-export it with `transfer export RUN_DIR`")
 
 
-def tflite_outside_ops(path) -> set[str]:
-    """The TensorFlow ops a TFLite model runs through the Flex delegate (custom ops ``Flex<Op>``) that reach outside
-    the model, by the same pattern as :func:`transfer.layers.unsafe_ops`; ``{"<unreadable model>"}`` for a file
-    whose operator codes cannot be read while it has Flex ops."""
-    data = Path(path).read_bytes()
+def tflite_outside_ops(source) -> set[str]:
+    """The TensorFlow ops a TFLite model (its bytes, or a path) runs through the Flex delegate (custom ops
+    ``Flex<Op>``) that reach outside the model, by the same pattern as :func:`transfer.layers.unsafe_ops`;
+    ``{"<unreadable model>"}`` for a file whose operator codes cannot be read while it has Flex ops."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if b"Flex" not in data:  # no Flex op at all: builtin ops only reach the model's own tensors
         return set()
     from transfer.layers import _UNSAFE_OP  # (imports TensorFlow: only for a model that may have Flex ops)
@@ -64,14 +69,18 @@ class Predictor:
     """A loaded artifact: ``predict(batch_float32) -> probabilities``, plus its input/output descriptions.
 
     ``session`` is the runtime object underneath (an ONNX Runtime session, a LiteRT interpreter, a SavedModel),
-    kept alive with the predictor.
+    kept alive with the predictor; ``sha256`` is the digest of the bytes it was loaded from (export.contract.Artifact);
+    ``keep`` holds what the runtime may still read (a SavedModel's private copy).
     """
 
-    def __init__(self, fn: Callable, inputs: list[dict], outputs: list[dict], session: Any = None):
+    def __init__(self, fn: Callable, inputs: list[dict], outputs: list[dict], session: Any = None,
+                 sha256: str | None = None, keep: Any = None):
         self._fn = fn
         self.inputs = inputs
         self.outputs = outputs
         self.session = session
+        self.sha256 = sha256
+        self.keep = keep
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self._fn(np.ascontiguousarray(batch, dtype=np.float32)), dtype=np.float32)
@@ -79,7 +88,8 @@ class Predictor:
 
 @dataclass(frozen=True)
 class Runtime:
-    """An inference runtime: the package it needs and its loader ``(path, num_threads=None) -> Predictor``."""
+    """An inference runtime: the package it needs and its loader ``(artifact or path, num_threads=None) ->
+    Predictor``."""
 
     name: str
     package: str  # what to pip install
@@ -138,6 +148,12 @@ def _missing(package: str, what: str) -> UserError:
     return UserError(f"{what} needs {package}, which is not installed: pip install {package}")
 
 
+def read_once(source) -> Artifact:
+    """``source`` as an Artifact: itself, or the path read once (no sha256 is checked here: ExportDir.read_artifact
+    checks it against the manifest)."""
+    return source if isinstance(source, Artifact) else Artifact.read(source)
+
+
 # ---------------------------------------------------------------------------------------------- ONNX Runtime
 
 # ONNX Runtime's type strings for the tensor types it reports
@@ -150,8 +166,10 @@ def _ort_dtype(type_string: str) -> str:
     return _ORT_DTYPES.get(inner, inner)
 
 
-def load_onnx(path, num_threads: int | None = None, options=None) -> Predictor:
-    """An ONNX file in ONNX Runtime on the CPU; ``options`` (an ``ort.SessionOptions``) overrides the defaults."""
+def load_onnx(source, num_threads: int | None = None, options=None) -> Predictor:
+    """An ONNX file (an Artifact or a path, read once) in ONNX Runtime on the CPU, opened from its bytes;
+    ``options`` (an ``ort.SessionOptions``) overrides the defaults."""
+    artifact = read_once(source)
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -162,7 +180,7 @@ def load_onnx(path, num_threads: int | None = None, options=None) -> Predictor:
         if num_threads:
             options.intra_op_num_threads = num_threads
             options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(artifact.content, options, providers=["CPUExecutionProvider"])
     inputs, outputs = session.get_inputs(), session.get_outputs()
     in_name, out_name = inputs[0].name, outputs[0].name
 
@@ -172,7 +190,7 @@ def load_onnx(path, num_threads: int | None = None, options=None) -> Predictor:
     def side(values):
         return [{"name": v.name, "shape": _dims(v.shape), "dtype": _ort_dtype(v.type)} for v in values]
 
-    return Predictor(predict, side(inputs), side(outputs), session)
+    return Predictor(predict, side(inputs), side(outputs), session, artifact.sha256)
 
 
 # ---------------------------------------------------------------------------------------------- LiteRT
@@ -184,22 +202,25 @@ def _quantization(detail: dict) -> dict:
     return {"scale": [float(s) for s in scales], "zero_point": [int(z) for z in zeros]}
 
 
-def _interpreter(path, num_threads: int | None = None):
-    refuse_outside_ops(path, tflite_outside_ops(path))  # before LiteRT (and its Flex delegate) reads it
+def _interpreter(artifact: Artifact, num_threads: int | None = None):
+    # scanned before LiteRT (and its Flex delegate) reads it: the same bytes LiteRT is then given
+    refuse_outside_ops(artifact.path, tflite_outside_ops(artifact.content))
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:
         raise _missing("ai-edge-litert", "the TFLite runtime") from exc
     with native_output_logged(2):  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-        interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+        interpreter = Interpreter(model_content=artifact.content, num_threads=num_threads)
         interpreter.allocate_tensors()
     return interpreter
 
 
-def load_tflite(path, num_threads: int | None = None) -> Predictor:
-    """A TFLite file in the LiteRT interpreter; the batch is resized to each call's, integer-quantized inputs and
-    outputs are (de)quantized here with the tensors' scale and zero point."""
-    interpreter = _interpreter(path, num_threads)
+def load_tflite(source, num_threads: int | None = None) -> Predictor:
+    """A TFLite file (an Artifact or a path, read once) in the LiteRT interpreter, opened from its bytes; the batch
+    is resized to each call's, integer-quantized inputs and outputs are (de)quantized here with the tensors' scale and
+    zero point."""
+    artifact = read_once(source)
+    interpreter = _interpreter(artifact, num_threads)
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     state = {"batch": int(inp["shape"][0])}
 
@@ -225,13 +246,13 @@ def load_tflite(path, num_threads: int | None = None) -> Predictor:
                 for d in details]
 
     return Predictor(predict, side(interpreter.get_input_details()), side(interpreter.get_output_details()),
-                     interpreter)
+                     interpreter, artifact.sha256)
 
 
 def int8_boundaries(path: Path) -> dict:
     """Scale/zero-point of the int8 tensors right after the input and right before the output of a TFLite file
     (float I/O models quantize and dequantize at the edges, so the interface tensors carry no parameters)."""
-    interpreter = _interpreter(path)
+    interpreter = _interpreter(read_once(path))
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
     first = last = None
@@ -255,18 +276,21 @@ def int8_boundaries(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- TensorFlow
 
 
-def load_savedmodel(path, num_threads: int | None = None) -> Predictor:
+def load_savedmodel(source, num_threads: int | None = None) -> Predictor:
     """A SavedModel's serving_default signature in TensorFlow (imported here; its thread count is process-wide,
-    set before TensorFlow starts, so ``num_threads`` is not used)."""
+    set before TensorFlow starts, so ``num_threads`` is not used), loaded from the private copy of the directory
+    that was read and hashed (an Artifact, or the path copied once), which lives as long as the predictor."""
     from transfer.layers import unsafe_ops
 
-    refuse_outside_ops(path, unsafe_ops(path))  # before TensorFlow reads a byte of it
+    artifact = read_once(source)
+    path = artifact.path
+    refuse_outside_ops(path, unsafe_ops(artifact.location))  # before TensorFlow reads a byte of it
     try:
         import tensorflow as tf
     except ImportError as exc:
         raise _missing("tensorflow", "the savedmodel format") from exc
 
-    loaded = tf.saved_model.load(str(path))
+    loaded = tf.saved_model.load(artifact.location)
     serve = loaded.signatures.get("serving_default")
     if serve is None:
         raise UserError(f"{path} has no serving_default signature; re-export it with `transfer export`")
@@ -277,7 +301,8 @@ def load_savedmodel(path, num_threads: int | None = None) -> Predictor:
         return serve(**{in_name: tf.constant(batch)})[out_name].numpy()
 
     return Predictor(predict, [describe(in_name, in_spec.shape.as_list(), in_spec.dtype.as_numpy_dtype)],
-                     [describe(out_name, out_spec.shape.as_list(), out_spec.dtype.as_numpy_dtype)], loaded)
+                     [describe(out_name, out_spec.shape.as_list(), out_spec.dtype.as_numpy_dtype)], loaded,
+                     artifact.sha256, artifact)
 
 
 ONNXRUNTIME = Runtime("onnxruntime", "onnxruntime", load_onnx)

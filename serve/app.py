@@ -23,7 +23,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from export.contract import MANIFEST, sha256_of
 from serve.engine import tune_switch_interval
 from serve.errors import ApiError, BodyTooLarge, error_response
 from serve.inputs import harden_pillow
@@ -52,9 +51,8 @@ async def lifespan(app: FastAPI):
     threads, streams = settings.parallelism()
     for found, export in exports:
         model = await asyncio.to_thread(open_model, export, settings)
-        manifest_sha256 = await asyncio.to_thread(sha256_of, found.path / MANIFEST)
         state.put(found.name, Served(model, await start_batcher(model, settings, state.metrics), found.version,
-                                     manifest_sha256))
+                                     export.manifest_sha256))  # the manifest the labels and model were read with
         log.info("serving %s%s from %s (%d inference streams x %d threads)", found.name,
                  "" if found.version == VERSION else f" version {found.version}", export.path, streams, threads)
     state.base_rss = resident_bytes()

@@ -30,6 +30,12 @@ def served_format(precision: str = "fp32") -> str:
 def check_servable(export: ExportDir, precision: str = "fp32") -> str:
     """The sha256 of the artifact ``export`` serves at ``precision`` (one-line UserError when it cannot be served).
     A quantized artifact is served only when its export verified it against the Keras model."""
+    return export.check_sha256(check_verified(export, precision))
+
+
+def check_verified(export: ExportDir, precision: str = "fp32") -> str:
+    """The format-table row ``export`` serves at ``precision``; a one-line UserError for a quantized artifact its
+    export did not verify against the Keras model."""
     fmt = served_format(precision)
     if precision != "fp32" and export.entry(fmt).get(STATUS_KEY) != VERIFIED:
         status = export.entry(fmt).get(STATUS_KEY)
@@ -38,7 +44,7 @@ def check_servable(export: ExportDir, precision: str = "fp32") -> str:
         raise UserError(f"--precision {precision}: export {export.name} has no verified {fmt} model ({why}); export "
                         f"it with `transfer export RUN_DIR --formats {fmt}` (RUN_DIR: its run, "
                         f"{export.source_run_name or 'recorded in its manifest'}) or serve --precision fp32")
-    return export.check_sha256(fmt)
+    return fmt
 
 
 def session_options(threads: int):
@@ -70,9 +76,11 @@ class OnnxModel:
     input_name: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.format = served_format(self.precision)
-        self.sha256 = check_servable(self.export, self.precision)
+        self.format = check_verified(self.export, self.precision)
+        # One read of the artifact: its sha256 is checked on the bytes ONNX Runtime is then given (load_format), so a
+        # model.onnx rewritten in place meanwhile cannot be served under the manifest (and labels) of another.
         self.predictor = load_format(self.export, self.format, options=session_options(self.threads))
+        self.sha256 = self.predictor.sha256
         self.session = self.predictor.session
         path = self.export.path_of(self.format)
         inputs, outputs = self.predictor.inputs, self.predictor.outputs

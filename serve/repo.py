@@ -8,11 +8,12 @@ loaded is served as the model's latest). Folders starting with a dot are skipped
 in ``.<name>.export-*`` beside its destination and swaps it in with a rename (export/exporter.py), so a poll sees
 the old export or the new one, never a mix.
 
-A new or replaced export is opened exactly as at start (``ExportDir`` checks, the ONNX file's sha256, the session,
-warm-up) on a thread, off the event loop, and then swapped in at once on the loop; the entry it replaces is retired:
-requests that already hold it finish on it, and its batcher stops when the last one has. An export that fails to
-load leaves what was served serving, and says so in one warning line, in ``/readyz`` and in
-``serve_model_reload_failures_total``. A removed one answers 404 from then on (requests in progress finish).
+A new or replaced export is opened exactly as at start (``ExportDir`` checks, the ONNX file read once, its sha256
+checked on those bytes and the session opened from them, warm-up) on a thread, off the event loop, and then swapped
+in at once on the loop; the entry it replaces is retired: requests that already hold it finish on it, and its batcher
+stops when the last one has. An export that fails to load leaves what was served serving, and says so in one warning
+line, in ``/readyz`` and in ``serve_model_reload_failures_total``. A removed one answers 404 from then on
+(requests in progress finish).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.contract import LABELS, MANIFEST, NAME_PATTERN, SECTION, ExportDir, sha256_of
+from export.contract import LABELS, MANIFEST, NAME_PATTERN, SECTION, ExportDir
 from export.formats import FORMATS
 from serve.engine import Batcher
 from serve.model import SERVED_FORMAT, OnnxModel
@@ -149,13 +150,18 @@ async def start_batcher(model: OnnxModel, settings: Settings, metrics) -> Batche
 
 def _prepare(item: Found, current: Served | None, settings: Settings) -> tuple[OnnxModel, str] | None:
     """The model of ``item`` opened and warmed up, with its manifest's sha256; None when it is the very export
-    ``current`` serves (same manifest, same artifact: nothing to reload). Blocking, for a thread."""
-    manifest_sha256 = sha256_of(item.path / MANIFEST)
+    ``current`` serves (same manifest, same artifact: nothing to reload). Blocking, for a thread.
+
+    Manifest, labels and model come from one consistent read: the manifest is read once (its classes and the
+    artifact's sha256 with it), the artifact's bytes are read once and checked against that sha256, ONNX Runtime
+    is given those bytes, and the manifest is read again afterwards (ExportDir.read_artifact): an export rewritten
+    in place meanwhile is refused for this poll (the one served keeps serving) and tried again at the next."""
     export = ExportDir.open(item.path, item.name)
-    if (current is not None and current.manifest_sha256 == manifest_sha256
-            and export.check_sha256(current.model.format) == current.model.sha256):
-        return None
-    return open_model(export, settings), manifest_sha256
+    if current is not None and current.manifest_sha256 == export.manifest_sha256:
+        artifact = export.read_artifact(current.model.format)  # raises when the file no longer matches it
+        if artifact.sha256 == current.model.sha256:
+            return None
+    return open_model(export, settings), export.manifest_sha256
 
 
 def _one_line(text: str) -> str:
@@ -223,6 +229,8 @@ class RepoWatcher:
             prepared = await asyncio.to_thread(_prepare, item, current, state.settings)
         except Exception as exc:  # UserError, ONNX Runtime's errors, OSError: the old export keeps serving
             self._failed(item, exc, current is not None)
+            if await asyncio.to_thread(fingerprint, item.path) != item.fingerprint:
+                self.seen.pop(key, None)  # it changed while it was read (rewritten in place): try it again next poll
             return
         state.reload_errors.pop(key, None)
         if prepared is None:

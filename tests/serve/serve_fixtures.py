@@ -7,6 +7,7 @@ it takes about ten seconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -78,3 +79,40 @@ def relabel_copy(src: Path, dest: Path, classes: tuple[str, ...]) -> Path:
     (dest / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     (dest / "labels.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
     return dest
+
+
+def permuted_copy(src: Path, dest: Path, permutation: tuple[int, ...], classes: tuple[str, ...]) -> Path:
+    """A copy of an export whose ONNX model has other weights in effect: its outputs come out in ``permutation``'s
+    order (output ``i`` is the source's output ``permutation[i]``, by a Gather appended to the graph), with
+    ``classes`` as its labels and its manifest's sha256 and size for the new model.onnx. With classes that name the
+    permuted outputs, it answers what the source answers under other names; with the source's labels (or the
+    source's weights with these labels) it answers something else: answers tell which export produced them."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    relabel_copy(src, dest, classes)
+    model = onnx.load(str(dest / "model.onnx"))
+    graph, out = model.graph, model.graph.output[0].name
+    for node in graph.node:
+        for i, name in enumerate(node.output):
+            if name == out:
+                node.output[i] = f"{out}_unpermuted"
+    graph.initializer.append(numpy_helper.from_array(np.array(permutation, np.int64), "output_permutation"))
+    graph.node.append(helper.make_node("Gather", [f"{out}_unpermuted", "output_permutation"], [out], axis=1))
+    onnx.save(model, str(dest / "model.onnx"))
+    data = (dest / "model.onnx").read_bytes()
+    manifest = json.loads((dest / "manifest.json").read_text())
+    entry = manifest["export"]["formats"]["onnx"]
+    entry["sha256"], entry["size_bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (dest / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return dest
+
+
+def rewrite_in_place(folder: Path, source: Path, names: tuple[str, ...] = ("model.onnx", "manifest.json",
+                                                                           "labels.txt")) -> None:
+    """Overwrite ``names`` in ``folder`` with ``source``'s, each truncated and written in place (same inode, not
+    swapped in by a rename): what a careless deploy script does, and what readers of ``folder`` may see half done."""
+    for name in names:
+        with open(folder / name, "r+b") as f:
+            f.truncate(0)
+            f.write((source / name).read_bytes())

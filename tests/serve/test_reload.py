@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_fixtures import CLASSES, relabel_copy
+from serve_fixtures import CLASSES, permuted_copy, relabel_copy, rewrite_in_place
 
 from export.contract import sha256_of
 from serve.app import create_app
@@ -36,6 +36,7 @@ POLL_S = 0.05
 DEADLINE_S = 60
 FRENCH = ("bleu", "vert", "rouge")  # CLASSES renamed: same model, other answers
 GERMAN = ("blau", "gruen", "rot")
+RACE_REQUESTS = 300  # :classify requests answered while the export is rewritten in place, again and again
 
 
 def _png(rgb: tuple[int, int, int]) -> bytes:
@@ -202,6 +203,76 @@ def test_a_broken_new_export_is_not_served_until_it_is_fixed(repo, export_dir):
         shutil.rmtree(repo / "gamma")
         _swap_in(repo, "gamma", broken)  # gone and back broken: reported again
         _wait(lambda: "reload_error" in _detail(c).get("gamma", {}), "the broken export to be reported again")
+
+
+def test_a_model_rewritten_between_its_check_and_its_load_is_not_served(repo, export_dir, tmp_path, monkeypatch):
+    """The race of issue 19 made certain: model.onnx is rewritten in place with other weights the instant before ONNX
+    Runtime opens the session, after its sha256 was checked. What is served is what was checked (A's weights with the
+    manifest's labels: "rouge"), never the new bytes under the checked digest (B's weights, FRENCH labels: "vert")."""
+    import onnxruntime as ort
+
+    french = relabel_copy(export_dir, tmp_path / "a-fr", FRENCH)  # A's weights (same model.onnx bytes)
+    b = permuted_copy(export_dir, tmp_path / "b", (1, 2, 0), ("gruen", "rot", "blau"))
+    alpha, opened, armed = repo / "alpha", ort.InferenceSession, threading.Event()
+
+    def racing_session(model, *args, **kwargs):
+        if armed.is_set():
+            armed.clear()
+            rewrite_in_place(alpha, b, ("model.onnx",))  # after the check, before the runtime reads anything
+        return opened(model, *args, **kwargs)
+
+    with TestClient(_app(repo)) as c:
+        assert _label(c) == "red"
+        monkeypatch.setattr(ort, "InferenceSession", racing_session)
+        armed.set()
+        rewrite_in_place(alpha, french)
+        answer = _wait(lambda: (lambda label: label if label != "red" else None)(_label(c)), "the reload")
+        assert answer == "rouge"  # "vert" would be the manifest's labels on the weights written after the check
+        assert not armed.is_set()  # the race did happen
+        served = c.app.state.serve.served["alpha"].model
+        assert served.sha256 == sha256_of(french / "model.onnx") != sha256_of(alpha / "model.onnx")
+        # the half-written export on disk (B's model, A's manifest) is refused; what was checked keeps serving
+        _wait(lambda: "sha256" in _detail(c)["alpha"].get("reload_error", ""), "the mismatched model to be refused")
+        assert _label(c) == "rouge"
+
+
+def test_an_export_rewritten_in_place_never_serves_one_exports_labels_with_the_others_weights(repo, export_dir,
+                                                                                              tmp_path):
+    """Issue 19: model.onnx was hashed by path and opened by path again, so a file rewritten in place between the two
+    reads served one export's labels with the other's weights, under the sha256 on disk. Exports A and B are
+    designed so that each answer names what produced it: a red image is "red" under A (labels and weights) and
+    "rot" under B; A's labels with B's weights say "green", B's labels with A's weights "blau"."""
+    a = relabel_copy(export_dir, tmp_path / "a", CLASSES)
+    b = permuted_copy(export_dir, tmp_path / "b", (1, 2, 0), ("gruen", "rot", "blau"))
+    consistent, mixed = {"red", "rot"}, {"green", "blau"}
+    alpha, done, rewrites = repo / "alpha", threading.Event(), []
+
+    def writer() -> None:  # A, B, A, ... in place until the requests are done, then B (the last word)
+        while not done.is_set():
+            rewrite_in_place(alpha, (a, b)[len(rewrites) % 2])
+            rewrites.append(1)
+            time.sleep(0.01)
+        rewrite_in_place(alpha, b)
+
+    answers: dict = {}
+    with TestClient(_app(repo)) as c:
+        state = c.app.state.serve
+        with ThreadPoolExecutor(1) as pool:
+            writing = pool.submit(writer)
+            try:
+                for _ in range(RACE_REQUESTS):
+                    label = _label(c)
+                    answers[label] = answers.get(label, 0) + 1
+            finally:
+                done.set()
+            writing.result(timeout=DEADLINE_S)
+        assert set(answers) <= consistent | mixed, answers  # every request was answered, by one export or a mix
+        assert not mixed & set(answers), f"labels of one export with the weights of the other: {answers}"
+        # once the writer has stopped, B is served, under B's sha256 (not the wrong weights under the right digest)
+        _wait(lambda: _label(c) == "rot", "the last export written to be served")
+        assert state.served["alpha"].model.sha256 == sha256_of(alpha / "model.onnx") == sha256_of(b / "model.onnx")
+        assert c.get("/v1/models/alpha/metadata").json()["classes"] == ["gruen", "rot", "blau"]
+        assert len(rewrites) > 1 and _metric(c, "serve_model_reloads_total", model="alpha") >= 1
 
 
 def test_numbered_versions_serve_the_highest_as_latest_and_each_by_number(export_dir, tmp_path):
