@@ -62,6 +62,7 @@ RECIPE_SHOTS = 10
 # VGG16 at 96 px costs ~8x Lite0 at 224 per image: its recipes run on the smaller dataset only
 RECIPE_PLAN = {"faces": tuple(RECIPES), "digits": ("lite0-u0", "lite0-blocks1", "lite0-all")}
 BATCH = 32
+PATIENCE = 10  # epochs; never fewer than 100 steps (transfer.train.effective_patience), as in every run
 RESAMPLES = 1000
 
 
@@ -126,14 +127,19 @@ def train_head(key: str, data, seed: int) -> np.ndarray:
     """The default head trained on cached features as a run trains it; returns per-test-image correctness."""
     import keras
 
+    from transfer.config import ModelConfig
+    from transfer.heads import parse_head
+    from transfer.train import effective_patience
+
     keras.utils.set_random_seed(seed)
-    f_train, f_val, f_test = (features(key, data.name, s.x) for s in (data.train, data.val, data.test))
-    n_classes = len(data.classes)
+    # the pooled features as 1x1 maps, so the toolkit's own default head (its pooling included) builds on them
+    f_train, f_val, f_test = (features(key, data.name, s.x)[:, None, None, :] for s in (data.train, data.val,
+                                                                                         data.test))
     inputs = keras.Input(f_train.shape[1:])
-    x = keras.layers.Dropout(0.2)(inputs)
-    model = keras.Model(inputs, keras.layers.Dense(n_classes, activation="softmax")(x))
+    model = keras.Model(inputs, parse_head(ModelConfig().head).build(inputs, len(data.classes)))
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    stop = keras.callbacks.EarlyStopping("val_accuracy", patience=10, restore_best_weights=True)
+    patience = effective_patience(PATIENCE, math.ceil(len(f_train) / BATCH))
+    stop = keras.callbacks.EarlyStopping("val_accuracy", patience=patience, restore_best_weights=True)
     model.fit(f_train, data.train.y, validation_data=(f_val, data.val.y), batch_size=BATCH,
               epochs=epochs_for(len(f_train)), callbacks=[stop], verbose=0)
     return model.predict(f_test, verbose=0).argmax(1) == data.test.y
@@ -155,18 +161,18 @@ def run_cli(argv: list[str], data) -> np.ndarray:
 
 def common(name: str, seed: int, limit: int | None, epochs: int) -> list[str]:
     return ["--dataset", name, *split_args(name), "--seed", str(seed), "--augment", "none", "--epochs", str(epochs),
-            "--batch-size", str(BATCH), *(["--limit-train", str(limit)] if limit else [])]
+            "--batch-size", str(BATCH), "--patience", str(PATIENCE), *(["--limit-train", str(limit)] if limit else [])]
 
 
 def scratch_cell(key: str, name: str, seed: int, limit, data) -> np.ndarray:
     argv = ["finetune", "--backbone", SCRATCH[key], "--weights", "none", "--unfreeze", "all", "--image-size",
-            str(SCRATCH_SIZE), "--head-epochs", "0", "--lr", "1e-3", "--fine-tune-lr", "1e-3", "--patience", "10",
+            str(SCRATCH_SIZE), "--head-epochs", "0", "--lr", "1e-3", "--fine-tune-lr", "1e-3",
             *common(name, seed, limit, epochs_for(len(data.train.y)))]
     return run_cli(argv, data)
 
 
 def baseline_cell(model: str, name: str, seed: int, limit, data) -> np.ndarray:
-    argv = ["baseline", "--model", model, "--patience", "10", *common(name, seed, limit, epochs_for(len(data.train.y)))]
+    argv = ["baseline", "--model", model, *common(name, seed, limit, epochs_for(len(data.train.y)))]
     return run_cli(argv, data)
 
 
@@ -174,7 +180,7 @@ def recipe_cell(key: str, name: str, seed: int, limit, data) -> np.ndarray:
     backbone, weights, size, unfreeze = RECIPES[key]
     head_epochs = 0 if unfreeze == "0" else 3
     argv = ["finetune", "--backbone", backbone, "--weights", weights, "--image-size", str(size), "--unfreeze",
-            unfreeze, "--head-epochs", str(head_epochs), "--patience", "10",
+            unfreeze, "--head-epochs", str(head_epochs),
             *common(name, seed, limit, 20 if unfreeze != "0" else 23)]
     return run_cli(argv, data)
 
@@ -262,6 +268,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--cells", default="", help="comma-separated subset of cells (default: all of the part)")
     parser.add_argument("--out", default="artifacts/reports/transfer_study")
+    parser.add_argument("--tables-only", action="store_true", help="train nothing: print the tables of what is done")
     args = parser.parse_args()
     datasets = args.datasets.split(",")
     shots = [None if s == "all" else int(s) for s in args.shots.split(",")]
@@ -280,7 +287,7 @@ def main() -> int:
                  for cell in RECIPE_PLAN[name]]
     for part, name, k, cell, seed in jobs:
         key = (part, name, "all" if k is None else k, cell, seed)
-        if key in results or (wanted and cell not in wanted):
+        if key in results or (wanted and cell not in wanted) or args.tables_only:
             continue
         data, limit = dataset(name, seed, k)
         started = time.perf_counter()

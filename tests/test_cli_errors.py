@@ -88,6 +88,13 @@ CASES = [
     (["finetune", "--class-weight", "{root}/weights_unknown.toml"], "valid classes: circle, square"),
     (["finetune", "--class-weight", "{root}/weights_negative.json"], "weight of class 'circle' is -2.0"),
     (["baseline", "--model", "vgg1", "--class-weight", "{root}/weights_nan.toml"], "weight of class 'circle' is nan"),
+    (["finetune", "--class-weight", "{root}/weights_twice.json"], "names class 'circle' twice"),
+    (["finetune", "--unfreeze", "blocks:1", "--unfreeze-schedule", "all@5", "--epochs", "2"],
+     "'all@5' never applies: fine-tuning lasts --epochs 2"),
+    (["finetune", "--layer-decay", "0.5", "--unfreeze", "0"], "--layer-decay 0.5 does nothing with --unfreeze 0"),
+    (["finetune", "--unfreeze", "0", "--epochs", "0"], "--epochs 0 trains nothing"),
+    (["baseline", "--model", "vgg1", "--epochs", "0"], "--epochs 0 trains nothing"),
+    (["finetune", "--cache", "memory"], "--cache memory applies to folder datasets only"),
     (["finetune", "--config", "/no/such/config.toml"], "/no/such/config.toml"),
     (["finetune", "--config", "{bad_toml}"], "epochz"),
     (["finetune", "--config", "{float_toml}"], "epochs = 1.5"),
@@ -204,6 +211,7 @@ def world(tmp_path_factory):
     (root / "weights_unknown.toml").write_text("circle = 2.0\nsquar = 3.0\n")  # synthetic's: circle, square, ...
     (root / "weights_negative.json").write_text('{"circle": -2.0}')
     (root / "weights_nan.toml").write_text("circle = nan\n")
+    (root / "weights_twice.json").write_text('{"circle": 2.0, "circle": 3.0}')
     (root / "float.toml").write_text("epochs = 1.5\n")
     (root / "compare.toml").write_text("[[matrix]]\nbackbones = ['vgg16']\nimage_sizes = ['big']\n")
     (root / "bench.toml").write_text("[[matrix]]\nbaselines = ['vgg1']\n[bench]\niterations = -1\n")

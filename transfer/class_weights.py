@@ -76,9 +76,11 @@ def read_weight_file(path: str | Path) -> tuple[dict[str, float], str]:
     try:
         text = raw.decode("utf-8")
         if path.suffix.lower() == ".json" or text.lstrip().startswith("{"):
-            data, kind = json.loads(text), "JSON"
+            data, kind = json.loads(text, object_pairs_hook=_no_duplicates), "JSON"
         else:
             data, kind = tomllib.loads(text), "TOML"
+    except _Duplicate as exc:
+        raise UserError(f"{FLAG} '{path}' names class '{exc.args[0]}' twice; give each class one weight") from exc
     except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"{FLAG} '{path}' is not valid TOML or JSON ({str(exc).splitlines()[0]})") from exc
     if not isinstance(data, dict):
@@ -126,3 +128,16 @@ def resolve(spec: str, classes: list[str], train_y: np.ndarray) -> ClassWeights:
         raise UserError(f"{FLAG} '{spec}' names classes the dataset does not have: {', '.join(unknown)}{hint}; "
                         f"valid classes: {', '.join(classes)}")
     return ClassWeights(FILE, {name: given.get(name, 1.0) for name in classes}, file=str(spec), sha256=sha256)
+
+
+class _Duplicate(ValueError):
+    """A JSON object names one key twice (json keeps the last silently)."""
+
+
+def _no_duplicates(pairs: list[tuple]) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Duplicate(key)
+        seen[key] = value
+    return seen

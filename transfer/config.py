@@ -61,13 +61,14 @@ class ModelConfig:
     its canonical text (``0``, ``N``, ``blocks:N`` or ``all``); everything downstream uses the resolved copy.
     """
 
-    backbone: str = option("mobilenetv2", "registry name (see `transfer backbones`) or hub:HANDLE")
+    backbone: str = option("efficientnet_lite0", "registry name (see `transfer backbones`), hub:HANDLE or "
+                           "keras_hub:PRESET; the default's ImageNet weights ship in the [pretrained] extra (offline)")
     weights: str = option("imagenet", "imagenet | none | PATH to a backbone weights file | RUN_DIR of the same "
                           "backbone (start from that run's backbone)")
     image_size: int | None = option(None, "size the backbone sees; images are resized inside the model",
                                     default_text="the backbone's own", minimum=1, maximum=MAX_IMAGE_SIZE)
-    head: str = option("default", "pooling then layers, e.g. gap,dropout0.2 or flatten,dense256-bn; "
-                       "presets: default, seeds, linear, mlp")
+    head: str = option("default", "pooling then layers, e.g. gap,bn,dropout0.2 or flatten,dense256-bn; "
+                       "presets: default (gap,bn,dropout0.2), seeds, linear, mlp")
     unfreeze: str = option("0", "0 (head only) | N (top N backbone layers) | blocks:N (top N blocks, layers above) "
                            "| all")
     unfreeze_schedule: str = option("", "unfreeze more while fine-tuning: SPEC@E,... (e.g. blocks:1@2,blocks:3@4,"
@@ -105,7 +106,9 @@ class TrainConfig:
                          maximum=MAX_EPOCHS)
     head_epochs: int = option(3, "epochs training the head on a frozen backbone before unfreezing", minimum=0,
                               maximum=MAX_EPOCHS)
-    patience: int = option(5, "early stopping on val_accuracy (best weights restored)", minimum=1, maximum=MAX_EPOCHS)
+    patience: int = option(5, "early stopping on val_accuracy after this many epochs without a gain, and never "
+                           "before 100 optimizer steps without one (a tiny training set is one step an epoch); the "
+                           "best weights are restored", minimum=1, maximum=MAX_EPOCHS)
     seed: int = option(0, "seed of splits, initialisation, shuffling and augmentation", minimum=0, maximum=2**32 - 1)
     tensorboard: bool = option(True, "write TensorBoard logs")
     precision: str = option("float32", "Keras dtype policy while training: mixed_float16 (GPUs of compute capability "

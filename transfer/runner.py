@@ -41,6 +41,35 @@ def _input_spec(native_shape) -> dict:
     }
 
 
+def check_plan(model_cfg, data_cfg, train_cfg: TrainConfig) -> None:
+    """Options that would be accepted and then do nothing are one-line refusals: a run that trains no epoch, an
+    ``--unfreeze-schedule`` step after the last fine-tuning epoch, ``--layer-decay`` on a backbone that never
+    unfreezes, ``--cache DIR|memory`` on a dataset that is not a folder."""
+    from transfer.data.folders import FOLDER_PREFIX
+
+    unfreeze = str(getattr(model_cfg, "unfreeze", "all"))
+    schedule = str(getattr(model_cfg, "unfreeze_schedule", "") or "")
+    frozen = unfreeze == "0" and not schedule
+    trained = train_cfg.epochs if frozen or not hasattr(model_cfg, "unfreeze") else \
+        train_cfg.head_epochs + train_cfg.epochs
+    if trained == 0:
+        raise UserError(f"--epochs {train_cfg.epochs}"
+                        + ("" if frozen or not hasattr(model_cfg, "unfreeze") else f" with --head-epochs "
+                           f"{train_cfg.head_epochs}") + " trains nothing; give --epochs 1 or more")
+    for step in filter(None, schedule.split(",")):
+        epoch = int(step.rsplit("@", 1)[1])
+        if epoch >= train_cfg.epochs:
+            raise UserError(f"--unfreeze-schedule step '{step}' never applies: fine-tuning lasts --epochs "
+                            f"{train_cfg.epochs}; give E below {train_cfg.epochs} or more --epochs")
+    decay = float(getattr(model_cfg, "layer_decay", 1.0))
+    if decay != 1.0 and frozen:
+        raise UserError(f"--layer-decay {decay:g} does nothing with --unfreeze 0 (the backbone never trains); "
+                        "unfreeze some of it (--unfreeze blocks:N or all) or drop --layer-decay")
+    if data_cfg.cache != "none" and not data_cfg.dataset.startswith(FOLDER_PREFIX):
+        raise UserError(f"--cache {data_cfg.cache} applies to folder datasets only; '{data_cfg.dataset}' is held "
+                        "in memory already: drop --cache")
+
+
 def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunConfig) -> Path:
     """Run a training job end to end and return its run directory (complete on return).
 
@@ -50,6 +79,7 @@ def execute(recipe, data_cfg, augment_cfg, train_cfg: TrainConfig, run_cfg: RunC
     from transfer.data import load_dataset
     from transfer.distribute import barrier, is_chief, make_strategy, shard_by_data
 
+    check_plan(recipe.model_config, data_cfg, train_cfg)
     started = time.perf_counter()
     part = precision.NAME_PART.get(train_cfg.precision)
     run_path = run_cfg.run_path(recipe.default_name + (f"_{part}" if part else ""))

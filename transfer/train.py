@@ -31,6 +31,10 @@ STATE = "state.json"
 LAST = "last.weights.h5"
 BEST = "best.weights.npz"
 RNG = "rng.npz"  # the model's SeedGenerator states (not in Keras' weight files)
+# Early stopping never gives up before this many optimizer steps without a better val_accuracy: a training set of a
+# few dozen images is one step an epoch, and --patience epochs of one step each stopped the head of a pretrained
+# backbone far from converged (benchmarks/transfer_study.py, docs/transfer.md).
+MIN_PATIENCE_STEPS = 100
 HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "top5", "val_loss", "val_accuracy", "val_top5", "lr", "seconds")
 
 
@@ -357,6 +361,11 @@ def _restore_best(model, ckpt_dir: Path, memory: dict) -> None:
         load_weights_npz(model, ckpt_dir / BEST)
 
 
+def effective_patience(patience: int, steps_per_epoch: int) -> int:
+    """``--patience`` epochs, but never fewer than :data:`MIN_PATIENCE_STEPS` optimizer steps."""
+    return max(int(patience), math.ceil(MIN_PATIENCE_STEPS / max(1, int(steps_per_epoch))))
+
+
 def train(model, set_trainable: Callable[[Unfreeze], list[str]] | None, *, train_ds, val_ds, steps_per_epoch: int,
           num_classes: int, cfg: TrainConfig, unfreeze: Unfreeze, run_path: Path, strategy=None,
           writer: bool = True, schedule=(),
@@ -392,6 +401,10 @@ def train(model, set_trainable: Callable[[Unfreeze], list[str]] | None, *, train
     if writer:
         _truncate_history(history_path, state["epoch"])
     verbose = 1 if sys.stdout.isatty() else 2
+    patience = effective_patience(cfg.patience, steps_per_epoch)
+    if patience > cfg.patience:
+        print(f"early stopping waits {patience} epochs, not --patience {cfg.patience}: {steps_per_epoch} "
+              f"step{'s' if steps_per_epoch > 1 else ''} an epoch, and never fewer than {MIN_PATIENCE_STEPS} steps")
     has_backbone = set_trainable is not None
     phases = plan_phases(cfg, unfreeze, has_backbone=has_backbone, schedule=schedule)
     var_factors, *decay = lr_factors() if lr_factors is not None else (None,)
@@ -426,7 +439,7 @@ def train(model, set_trainable: Callable[[Unfreeze], list[str]] | None, *, train
         if state["phase"] != phase.name:
             state["wait"] = 0
         callbacks = [
-            RunCheckpoint(ckpt_dir, history_path, state, phase, cfg.patience, writer=writer, memory=memory),
+            RunCheckpoint(ckpt_dir, history_path, state, phase, patience, writer=writer, memory=memory),
             keras.callbacks.TerminateOnNaN(),
         ]
         if cfg.tensorboard and writer:
@@ -440,7 +453,7 @@ def train(model, set_trainable: Callable[[Unfreeze], list[str]] | None, *, train
                 "lower --lr/--fine-tune-lr or check the data"
             )
         if state["epoch"] < phase.end_epoch:
-            state["stopped_early"] = state["wait"] >= cfg.patience
+            state["stopped_early"] = state["wait"] >= patience
         state.update(phase_done=phase.name, fresh=True, phase=phase.name)
         if writer:
             write_json(state_path, state)

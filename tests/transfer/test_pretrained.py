@@ -158,10 +158,10 @@ def test_finetune_from_packaged_lite0_keeps_frozen_layers_and_records_where_the_
     from transfer.runmodel import load_run_model
 
     art = tmp_path / "art"
-    # real digits (learnable: the fine-tuning epoch improves on the head's, so its weights are the ones kept)
+    # real digits; no head-only phase, so whichever epoch is kept was fine-tuned with the top block trainable
     assert main(["finetune", "--dataset", "digits", "--limit-train", "600", "--backbone", "efficientnet_lite0",
-                 "--weights", "imagenet", "--image-size", "32", "--unfreeze", "blocks:1", "--head-epochs", "1",
-                 "--epochs", "1", "--fine-tune-lr", "1e-3", "--no-tensorboard", "--artifacts", str(art),
+                 "--weights", "imagenet", "--image-size", "64", "--unfreeze", "blocks:1", "--head-epochs", "0",
+                 "--epochs", "2", "--fine-tune-lr", "1e-3", "--no-tensorboard", "--artifacts", str(art),
                  "--name", "lite"]) == 0
     run = art / "runs" / "lite"
     manifest = json.loads((run / "manifest.json").read_text())
@@ -175,7 +175,7 @@ def test_finetune_from_packaged_lite0_keeps_frozen_layers_and_records_where_the_
     np.testing.assert_allclose(backbone.get_layer("block3a_dwconv").get_weights()[0], expected["block3a_dwconv"][0])
     moved = backbone.get_layer("top_conv").get_weights()[0]  # blocks:1 unfreezes the top block and what is above
     assert not np.allclose(moved, expected["top_conv"][0])
-    assert manifest["metrics"]["best_epoch"] == 2  # the fine-tuned weights are the ones saved
+    assert "top_conv" in manifest["trainable_layers"] and "stem_conv" not in manifest["trainable_layers"]
     assert manifest["metrics"]["test_accuracy"] > 0.3  # 10 classes: well above chance after two short epochs
 
 
