@@ -25,6 +25,12 @@ attacker process at lower CPU priority (nice 10: on a network the attacker would
                    one go and never read an answer (no API key needed)
     pipelined openapi  130 such connections that each pipeline 3,000 `GET /openapi.json` (each holds a request in
                    progress while its answers do not drain: more than --max-concurrent-requests, 128)
+    idle sockets   --idle-sockets (1,000) connections from another address, 127.0.0.2, that send nothing and are
+                   reopened 0.1 s after the server closes one (more than the server's --max-connections, 960 at
+                   this open-file limit); the well-behaved clients open a new connection for every request in this
+                   phase and its clean run (every new client used to get 503 too_many_connections)
+    130 slow bodies  as "slow bodies", from 127.0.0.2, with 130 connections (more than --max-concurrent-requests,
+                   128), each reopened 0.1 s after the server answers it
     in-place reload  not a client attack but a careless deploy, on a server of its own (--model-repo, polled every
                    --race-poll-s 0.05 s): the served export's model.onnx, manifest.json and labels.txt are rewritten
                    in place (truncated and written, same inode) with export A, then B, then A ... (a random pause of
@@ -78,11 +84,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "serve")]
 MB = 2**20
 HOST = "127.0.0.1"
 BIG_SIDE = 6300
+ATTACKER = "127.0.0.2"  # the source address of the attacks that must come from another client than the good ones
 ATTACKS = ("large PNG", "half headers", "slow bodies", "16 MB JSON", "JSON at cap", "20% malformed",
-           "pipelined healthz", "pipelined openapi", "in-place reload")
+           "pipelined healthz", "pipelined openapi", "idle sockets", "130 slow bodies", "in-place reload")
 SEPARATE = {"in-place reload"}  # runs on a server of its own (reload_race), not as a phase
-LONG_PHASES = {"half headers", "slow bodies"}  # longer than the server's header (10 s) and request (30 s) timeouts
+# longer than the server's header (10 s) and request (30 s) timeouts
+LONG_PHASES = {"half headers", "slow bodies", "idle sockets", "130 slow bodies"}
+FRESH_CONNECTIONS = {"idle sockets"}  # the well-behaved clients open a connection per request (newcomers)
 PIPELINING = {"pipelined healthz", "pipelined openapi"}  # also held to: memory back near idle, no good request lost
+NO_LOSS = PIPELINING | {"idle sockets", "130 slow bodies"}  # held to: no well-behaved request refused or lost
 DOCUMENTED_503 = {"overloaded", "timeout", "too_many_connections", "not_ready"}
 
 
@@ -92,14 +102,16 @@ DOCUMENTED_503 = {"overloaded", "timeout", "too_many_connections", "not_ready"}
 class Connection:
     """One keep-alive HTTP/1.1 connection: (status, headers, body) per request; reconnects when the server closed."""
 
-    def __init__(self, port: int) -> None:
-        self.port, self.reader, self.writer = port, None, None
+    def __init__(self, port: int, fresh: bool = False) -> None:
+        self.port, self.reader, self.writer, self.fresh = port, None, None, fresh
 
     async def request(self, method: str, path: str, body: bytes = b"", content_type: str = "image/png",
                       extra: str = "") -> tuple[int, dict, bytes]:
         if self.writer is None or self.writer.is_closing():
             self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
         try:
+            if self.fresh:
+                extra += "Connection: close\r\n"
             self.writer.write(f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {content_type}\r\n"
                               f"Content-Length: {len(body)}\r\n{extra}\r\n".encode() + body)
             await self.writer.drain()
@@ -151,15 +163,16 @@ def multipart(blobs: list[bytes]) -> tuple[bytes, str]:
 # ---------------------------------------------------------------------------------------------- roles
 
 
-async def well_behaved(port: int, model: str, clients: int, rate: float, seconds: float) -> dict:
-    """``clients`` keep-alive connections, each sending a valid :classify request every 1/rate s."""
+async def well_behaved(port: int, model: str, clients: int, rate: float, seconds: float, fresh: bool = False) -> dict:
+    """``clients`` keep-alive connections (``fresh``: a new connection per request), each sending a valid :classify
+    request every 1/rate s."""
     blobs, path = small_pngs(), f"/v1/models/{model}:classify?top_k=1"
     latencies, statuses, errors = [], {}, 0
     stop = time.monotonic() + seconds
 
     async def client(k: int) -> None:
         nonlocal errors
-        conn, i, next_at = Connection(port), k, time.monotonic() + k / (clients * rate)
+        conn, i, next_at = Connection(port, fresh), k, time.monotonic() + k / (clients * rate)
         while next_at < stop:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             next_at += 1 / rate
@@ -225,9 +238,10 @@ async def attack_large_png(port: int, model: str, seconds: float, tally: Tally) 
 
 
 async def _trickle(port: int, seconds: float, tally: Tally, count: int, head: bytes, drip: bytes,
-                   every: float) -> dict:
-    """``count`` connections that send ``head`` and then ``drip`` every ``every`` seconds until the server answers
-    or closes (then they reconnect); how long the server let them live."""
+                   every: float, source: str = HOST, pause: float = 0.0) -> dict:
+    """``count`` connections from ``source`` that send ``head`` and then ``drip`` every ``every`` seconds (nothing,
+    when ``drip`` is empty) until the server answers or closes (then they reconnect, ``pause`` s later); how long
+    the server let them live."""
     stop = time.monotonic() + seconds
     lifetimes: list[float] = []  # connections the server ended
     open_at_end: list[float] = []  # ages of those still open when the phase ended
@@ -236,7 +250,7 @@ async def _trickle(port: int, seconds: float, tally: Tally, count: int, head: by
         while time.monotonic() < stop:
             opened = time.monotonic()
             try:
-                reader, writer = await asyncio.open_connection(HOST, port)
+                reader, writer = await asyncio.open_connection(HOST, port, local_addr=(source, 0))
             except OSError as exc:
                 tally.add(f"connect failed: {type(exc).__name__}")
                 await asyncio.sleep(0.5)
@@ -250,8 +264,9 @@ async def _trickle(port: int, seconds: float, tally: Tally, count: int, head: by
                         ended = True
                         break  # the server answered (or closed)
                     except asyncio.TimeoutError:
-                        writer.write(drip)
-                        await writer.drain()
+                        if drip:
+                            writer.write(drip)
+                            await writer.drain()
             except OSError:
                 ended = True
             if ended:
@@ -260,6 +275,8 @@ async def _trickle(port: int, seconds: float, tally: Tally, count: int, head: by
             else:
                 open_at_end.append(time.monotonic() - opened)
             writer.close()
+            if ended and pause:
+                await asyncio.sleep(pause)
 
     await asyncio.gather(*(one() for _ in range(count)))
     return {"ended_by_server": len(lifetimes), "longest_lived_s": max(lifetimes, default=0.0),
@@ -275,6 +292,17 @@ async def attack_slow_bodies(port: int, model: str, seconds: float, tally: Tally
     head = (f"POST /v1/models/{model}:classify HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: image/png\r\n"
             f"Content-Length: {MB}\r\n\r\n").encode()
     return await _trickle(port, seconds, tally, count, head, b"0123456789", 0.5)
+
+
+async def attack_idle_sockets(port: int, model: str, seconds: float, tally: Tally, count: int) -> dict:
+    """``count`` connections from ATTACKER that send nothing: they hold connections until the server closes them."""
+    return await _trickle(port, seconds, tally, count, b"", b"", 1.0, source=ATTACKER, pause=0.1)
+
+
+async def attack_slow_bodies_other_address(port: int, model: str, seconds: float, tally: Tally, count: int) -> dict:
+    head = (f"POST /v1/models/{model}:classify HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {MB}\r\n\r\n").encode()
+    return await _trickle(port, seconds, tally, count, head, b"0123456789", 0.5, source=ATTACKER, pause=0.1)
 
 
 def _json_predict_body(size: int) -> bytes:
@@ -446,7 +474,8 @@ def role_main(args) -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.role == "good":
-        result = asyncio.run(well_behaved(args.port, args.model, args.clients, args.rate, args.seconds))
+        result = asyncio.run(well_behaved(args.port, args.model, args.clients, args.rate, args.seconds,
+                                          args.fresh))
     else:
         tally = Tally()
         attacks = {
@@ -461,6 +490,10 @@ def role_main(args) -> int:
             "pipelined healthz": lambda: attack_pipelining(args.port, args.seconds, tally, 8, 60_000, "/healthz"),
             "pipelined openapi": lambda: attack_pipelining(args.port, args.seconds, tally, 130, 3_000,
                                                            "/openapi.json"),
+            "idle sockets": lambda: attack_idle_sockets(args.port, args.model, args.seconds, tally,
+                                                        args.idle_sockets),
+            "130 slow bodies": lambda: attack_slow_bodies_other_address(args.port, args.model, args.seconds, tally,
+                                                                        130),
         }
         result = asyncio.run(attacks[args.attack]()) | {"tally": tally.counts}
     print(json.dumps(result), flush=True)
@@ -655,7 +688,7 @@ def _metrics_5xx(port: int) -> dict[str, float]:
     out = {}
     for line in text.splitlines():
         if line.startswith("serve_requests_total{") and 'status="5' in line:
-            out[line.split("{", 1)[1].split("}")[0]] = float(line.split()[-1])
+            out[line.split("{", 1)[1].rsplit("}", 1)[0]] = float(line.split()[-1])  # labels hold "{name}" too
     return out
 
 
@@ -678,17 +711,21 @@ def _undocumented_5xx(counts: dict[str, int]) -> int:
     return total
 
 
-def run_phase(args, phase: str, port: int, model: str, watch: MemoryWatch, env: dict) -> dict:
+def run_phase(args, phase: str, port: int, model: str, watch: MemoryWatch, env: dict, like: str = "") -> dict:
+    """One phase: the well-behaved clients, and the attack ``phase`` unless it is "clean" (a clean run ``like`` an
+    attack's phase: with its kind of well-behaved connections)."""
     seconds = args.long_seconds if phase in LONG_PHASES else args.seconds
     me = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--model", model,
           "--seconds", str(seconds)]
     watch.reset()
-    good = subprocess.Popen([*me, "--role", "good", "--clients", str(args.clients), "--rate", str(args.rate)],
-                            stdout=subprocess.PIPE, env=env)
+    fresh = ["--fresh"] if (like or phase) in FRESH_CONNECTIONS else []
+    good = subprocess.Popen([*me, "--role", "good", "--clients", str(args.clients), "--rate", str(args.rate),
+                             *fresh], stdout=subprocess.PIPE, env=env)
     attacker = None
     if phase != "clean":
         attacker = subprocess.Popen(["nice", "-n", "10", *me, "--role", "attack", "--attack", phase,
                                      "--half-headers", str(args.half_headers), "--slow-bodies", str(args.slow_bodies),
+                                     "--idle-sockets", str(args.idle_sockets),
                                      "--max-json-mb", str(args.max_json_mb), "--rate", str(args.rate)],
                                     stdout=subprocess.PIPE, env=env)
     limit = seconds + 90
@@ -721,6 +758,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=25.0, help="requests per second of each well-behaved client")
     parser.add_argument("--half-headers", type=int, default=300)
     parser.add_argument("--slow-bodies", type=int, default=50)
+    parser.add_argument("--idle-sockets", type=int, default=1000, help="connections of the idle-sockets attack")
     parser.add_argument("--max-json-mb", type=float, default=8.0, help="the server's --max-json-mb (its default)")
     parser.add_argument("--nofile", type=int, default=1024, help="open-file limit of the server process")
     parser.add_argument("--rss-cap-gb", type=float, default=3.0, help="kill the server past this much memory")
@@ -735,6 +773,7 @@ def main() -> int:
     parser.add_argument("--attack", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--fresh", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
         return role_main(args)
@@ -800,7 +839,7 @@ def main() -> int:
             if server.poll() is not None:
                 break
             print(f"clean, then {attack} ...", file=sys.stderr, flush=True)
-            clean = run_phase(args, "clean", port, model, watch, env)
+            clean = run_phase(args, "clean", port, model, watch, env, like=attack)
             rows.append(run_phase(args, attack, port, model, watch, env) | {"clean": clean})
             loads.append(os.getloadavg()[0])
         alive = server.poll() is None and _alive(port)
@@ -819,8 +858,9 @@ def main() -> int:
         tmp.cleanup()
 
     print(f"\nmodel {model} ({export_dir}); server: python -m serve, defaults, open-file limit {args.nofile}; "
-          f"{args.clients} well-behaved clients x {args.rate:g} req/s; phases of {args.seconds:g} s (half headers "
-          f"and slow bodies {args.long_seconds:g} s); {os.cpu_count()} CPUs shared by the server, the clients and "
+          f"{args.clients} well-behaved clients x {args.rate:g} req/s; phases of {args.seconds:g} s (half headers, "
+          f"the slow-body and idle-socket attacks {args.long_seconds:g} s); {os.cpu_count()} CPUs shared by the "
+          "server, the clients and "
           f"whatever else runs here (1-minute load average {min(loads):.1f} to {max(loads):.1f})\n")
     print(f"server idle RSS before the first phase: {idle / MB:.0f} MB\n")
     print("| attack | server peak RSS MB (server + bulk process) | server RSS MB after | clean p50 / p99 ms "
@@ -848,11 +888,10 @@ def main() -> int:
             failures.append(f"{r['phase']}: p99 {ratio:.1f}x the clean run's")
         if bad5xx:
             failures.append(f"{r['phase']}: {bad5xx} undocumented 5xx")
-        if r["phase"] in PIPELINING:
-            if r["after"] > idle + 100 * MB:
-                failures.append(f"{r['phase']}: {r['after'] / MB:.0f} MB after the attack > idle + 100 MB")
-            if failed or not g["ok"]:
-                failures.append(f"{r['phase']}: well-behaved :classify got {g['ok']} 200s, {failed} failures")
+        if r["phase"] in PIPELINING and r["after"] > idle + 100 * MB:
+            failures.append(f"{r['phase']}: {r['after'] / MB:.0f} MB after the attack > idle + 100 MB")
+        if r["phase"] in NO_LOSS and (failed or not g["ok"]):
+            failures.append(f"{r['phase']}: well-behaved :classify got {g['ok']} 200s, {failed} failures")
     undocumented = {k: v for k, v in metrics_5xx.items() if 'status="503"' not in k}
     print(f"\nserver alive at the end: {'yes' if alive else 'NO'}; killed by the memory watchdog: "
           f"{'YES' if watch.killed else 'no'}; 5xx in the server's /metrics: {metrics_5xx or 'none'}")

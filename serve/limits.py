@@ -155,6 +155,14 @@ def connection_limit(settings: Settings) -> int:
     return max(1, min(settings.max_connections, open_file_limit() - RESERVED_FDS))
 
 
+def client_request_limit(settings: Settings) -> int:
+    """Requests in progress one client may hold (serve.clients): ``max_requests_per_client``, or 3/4 of
+    ``max_concurrent_requests`` when it is 0 (auto), so that one client never holds every slot while another waits;
+    at most ``max_concurrent_requests`` (a larger value turns the limit off)."""
+    limit = settings.max_requests_per_client or max(1, settings.max_concurrent_requests * 3 // 4)
+    return min(limit, settings.max_concurrent_requests)
+
+
 # Bytes of memory per byte of JSON text that a document passing serve.jsonparse's array count costs the parser at most
 # (measured: pixel arrays ``[[[0,0,0],...]]`` 18, flat numbers 12-13, strings 5; what costs more, like ``[[],[],...]``
 # at 36, is refused before parsing).

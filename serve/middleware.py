@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 
 from starlette.routing import BaseRoute, Match
 
+from serve.clients import client_of
 from serve.errors import BodyTooLarge, error_response, whole_number
-from serve.limits import HELD_KEY, Held
+from serve.limits import HELD_KEY, Held, client_request_limit
 from serve.protocol import RETRY_AFTER_S
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -27,9 +28,10 @@ def _expects_body(headers: dict[bytes, bytes]) -> bool:
 
 
 class Limits:
-    """Requests in progress (503 with Retry-After beyond ``max_concurrent_requests``; a request stops being in
-    progress when its answer starts, not when the client has read it: serve.protocol's write deadline bounds that
-    wait), body size (Content-Length checked up front, streamed bytes counted), the buffer budget (received body
+    """Requests in progress (503 with Retry-After beyond ``max_concurrent_requests``, 429 with Retry-After beyond
+    ``client_request_limit`` for one client address, serve.clients; a request stops being in progress when its
+    answer starts, not when the client has read it: serve.protocol's write deadline bounds that wait), body size
+    (Content-Length checked up front, streamed bytes counted), the buffer budget (received body
     bytes held until the request ends) and request metrics by route. An error answered before the body was read in
     full closes the connection, so the rest of the body is never read."""
 
@@ -37,6 +39,7 @@ class Limits:
                  lanes_of: Callable[[], Sequence[tuple[BaseRoute, Callable]]] | None = None) -> None:
         self.app, self.state, self.routes_of, self.lanes_of = app, state, routes_of, lanes_of
         self.settings, self.metrics = state.settings, state.metrics
+        self.per_client = client_request_limit(self.settings)
         self._lanes: Sequence[tuple[BaseRoute, Callable]] | None = None
 
     def _lane(self, scope) -> Callable | None:
@@ -67,26 +70,44 @@ class Limits:
         headers = dict(scope["headers"])
         body_done = [not _expects_body(headers)]
         slot = [False]  # whether this request holds one of the in-progress slots
+        state = self.state
+        client = client_of(scope)
+        by_client = state.in_flight_by_client
+
+        def give_back_slot() -> None:
+            slot[0] = False
+            state.in_flight -= 1
+            left = by_client[client] - 1
+            if left:
+                by_client[client] = left
+            else:
+                del by_client[client]  # the table holds only clients with requests in progress
 
         async def send_and_record(message):
             if message["type"] == "http.response.start":
                 # Its answer is ready: the request no longer holds a slot while the answer waits for the client (a
                 # client that pipelines requests and never reads the answers holds nothing but its connection).
                 if slot[0]:
-                    slot[0] = False
-                    state.in_flight -= 1
+                    give_back_slot()
                 status[0] = message["status"]
                 if not body_done[0] and message["status"] >= 400:  # unread body: close rather than read it
                     message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
-        state = self.state
         counted = scope["path"] not in UNCOUNTED_PATHS
         held = scope[HELD_KEY] = Held(state.buffers)
         try:
             if counted and state.in_flight >= self.settings.max_concurrent_requests:
                 self.metrics.rejected.labels("overloaded").inc()
                 response = error_response(503, "overloaded", f"{state.in_flight} requests are in progress; retry later",
+                                          {"Retry-After": str(RETRY_AFTER_S)})
+                await response(scope, receive, send_and_record)
+                return
+            if counted and by_client.get(client, 0) >= self.per_client:  # room, but not for this client
+                self.metrics.rejected.labels("too_many_requests").inc()
+                response = error_response(429, "too_many_requests",
+                                          f"this client address already has {by_client[client]} requests in "
+                                          "progress (--max-requests-per-client); retry later",
                                           {"Retry-After": str(RETRY_AFTER_S)})
                 await response(scope, receive, send_and_record)
                 return
@@ -116,14 +137,14 @@ class Limits:
 
             if counted:
                 state.in_flight += 1
+                by_client[client] = by_client.get(client, 0) + 1
                 slot[0] = True
             try:
                 lane = self._lane(scope) if self._lanes != () else None
                 await (lane or self.app)(scope, limited_receive, send_and_record)
             finally:
                 if slot[0]:
-                    slot[0] = False
-                    state.in_flight -= 1
+                    give_back_slot()
         finally:
             held.give_back_all()
             # The router leaves the matched route in the scope; only requests refused before routing are matched here.

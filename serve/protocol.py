@@ -6,8 +6,17 @@ uvicorn has a keep-alive timeout (``timeout_keep_alive``: idle between requests)
 head: a connection that sends half a request line, or one header byte every few seconds, stays open for ever, and
 enough of them exhaust the open-file limit. Here every request head must be complete ``header_timeout_s`` after the
 connection opened or the previous response was sent (408, closed); a head larger than ``max_header_bytes`` is a 431
-(httptools; uvicorn's h11 limit answers 400); a connection beyond ``max_connections`` is answered 503 with
-Retry-After and closed; a request that is not HTTP is a 400 — all in the ``{"error", "type", "status"}`` shape.
+(httptools; uvicorn's h11 limit answers 400); a request that is not HTTP is a 400 — all in the
+``{"error", "type", "status"}`` shape.
+
+Connections by client (serve.clients): a connection beyond ``max_connections`` makes room by closing an idle
+connection of the client address that holds the most (at least as many as the newcomer's): one that has not yet sent
+a complete request head is answered 503 ``too_many_connections`` with Retry-After, one idle between requests is just
+closed, as the keep-alive timeout would; a connection whose answers do not drain counts as idle. Only when no client
+has such a connection is the newcomer itself answered 503 and closed. So 1,000 idle sockets from one address cost
+their owner its own sockets, not other clients their service, and a lone reverse proxy is refused only when every
+one of its connections is busy. Each request's scope gets its client's key (``serve.clients.CLIENT_KEY``), from the
+socket's peer address, for the per-client cap on requests in progress (serve.middleware).
 
 Pipelining: uvicorn's httptools protocol parses every request of what it read at once and queues them all (60,000
 ``GET /healthz`` in one send were 60,000 queued requests, 1 GB), and nothing closes a connection whose answers the
@@ -30,6 +39,7 @@ import h11
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from serve.clients import CLIENT_KEY, ClientConnections, client_key
 from serve.limits import connection_limit
 
 RETRY_AFTER_S = 1
@@ -58,6 +68,14 @@ def _serve_state(app):
     return None
 
 
+def _clients_of(server_state) -> ClientConnections:
+    """The connections by client of one uvicorn server (kept on its ServerState, shared by its protocols)."""
+    clients = getattr(server_state, "serve_clients", None)
+    if clients is None:
+        clients = server_state.serve_clients = ClientConnections()
+    return clients
+
+
 class _Refused(Exception):
     """Raised inside a parser callback to stop parsing; ``send_400_response`` then writes the chosen reply."""
 
@@ -83,19 +101,29 @@ class _Guard:
         self._write_timer = None
         self._head_bytes = 0
         self._reply: tuple[int, str, str, tuple] | None = None
+        self._clients = _clients_of(self.server_state)
+        self._client = None  # the client key of the peer (set when connected)
+        self._awaiting_head = False  # a request head has begun and is not complete
+        self._heads_done = False  # a complete request head has arrived on this connection
 
     # -- connection
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._client = client_key(self.client[0] if self.client else None)
+        self._clients.add(self, self._client)
         if len(self.connections) > self.max_connections:
-            self._answer_and_close(503, "too_many_connections",
-                                   f"the server has {self.max_connections} connections open; retry later",
-                                   (("retry-after", str(RETRY_AFTER_S)),))
-            return
+            victim = self._clients.victim(self, self._client, _Guard._evictable)
+            if victim is None:
+                self._answer_and_close(503, "too_many_connections",
+                                       f"the server has {self.max_connections} connections open; retry later",
+                                       (("retry-after", str(RETRY_AFTER_S)),))
+                return
+            victim._evict()
         self._arm_head_timer()
 
     def connection_lost(self, exc) -> None:
+        self._clients.discard(self, self._client)
         self._disarm_head_timer()
         self._disarm_write_timer()
         self._abandon_answer()
@@ -108,6 +136,35 @@ class _Guard:
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
+
+    # -- making room at max_connections
+
+    def _evictable(self) -> bool:
+        """Whether this connection may be closed to make room: open, and answering no request (idle between
+        requests, or its next head not complete), or its answers are not draining."""
+        if self.transport is None or self.transport.is_closing():
+            return False
+        if self._write_timer is not None:
+            return True
+        answering = (self.cycle is not None and not self.cycle.response_complete) or bool(getattr(self, "pipeline",
+                                                                                                 ()))
+        return not answering
+
+    def _evict(self) -> None:
+        """Close this connection for a newcomer (see the module docstring)."""
+        self._count("connection_evicted")
+        if self._write_timer is not None:  # answers that do not drain: dropped with them, as at the write deadline
+            self._disarm_write_timer()
+            self._abandon_answer()
+            self.transport.abort()
+        elif self._awaiting_head or not self._heads_done:  # a request may be on its way: tell it why
+            self._answer_and_close(503, "too_many_connections",
+                                   f"the server has {self.max_connections} connections open and this client address "
+                                   "holds the most; retry later", (("retry-after", str(RETRY_AFTER_S)),),
+                                   counted=False)
+        else:
+            self._disarm_head_timer()
+            self.transport.close()
 
     # -- the write deadline: answers the client does not read
 
@@ -161,9 +218,11 @@ class _Guard:
         if self._metrics is not None:
             self._metrics.rejected.labels(reason).inc()
 
-    def _answer_and_close(self, status: int, kind: str, message: str, headers: tuple = ()) -> None:
+    def _answer_and_close(self, status: int, kind: str, message: str, headers: tuple = (),
+                          counted: bool = True) -> None:
         self._disarm_head_timer()
-        self._count(kind)
+        if counted:
+            self._count(kind)
         if not self.transport.is_closing():
             self.transport.write(raw_response(status, kind, message, headers))
             self.transport.close()
@@ -278,6 +337,8 @@ if HttpToolsProtocol is not None:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self.scope[CLIENT_KEY] = self._client
+            self._awaiting_head = True
             self._head_bytes = 0
             self._body_left = 0
             self._arm_head_timer()
@@ -292,6 +353,7 @@ if HttpToolsProtocol is not None:
 
         def on_headers_complete(self) -> None:
             self._disarm_head_timer()
+            self._awaiting_head, self._heads_done = False, True
             super().on_headers_complete()
             lengths = [value for name, value in self.headers if name in (b"content-length", b"transfer-encoding")]
             if len(lengths) == 1 and lengths[0].isdigit() and len(lengths[0]) <= 18:  # a Content-Length alone
@@ -322,12 +384,16 @@ class GuardedH11Protocol(_Guard, H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE:  # a new request begins (or is still arriving)
             self._arm_head_timer()
+            self._awaiting_head = bool(data)
         super().data_received(data)
 
     def handle_events(self) -> None:
-        super().handle_events()
+        super().handle_events()  # starts at most one request (h11 parses one at a time): its scope is self.scope
+        if self.scope is not None:
+            self.scope.setdefault(CLIENT_KEY, self._client)  # before its task first runs
         if self.conn.their_state is not h11.IDLE:  # the head is complete
             self._disarm_head_timer()
+            self._awaiting_head, self._heads_done = False, True
 
 
 def protocol_class(kind: str = "auto"):

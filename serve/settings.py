@@ -65,8 +65,12 @@ class Settings:
     buffered_bytes: int = option(128 * MB, "memory request bodies and decoded batches may hold together", cli=False)
     max_concurrent_requests: int = option(128, "requests in progress at once (beyond: 503 with Retry-After; "
                                           "health probes and /metrics are not counted)")
-    max_connections: int = option(1000, "open connections (beyond: 503 and closed; lowered to fit the open-file "
-                                  "limit)")
+    max_requests_per_client: int = option(0, "requests in progress one client address (IPv6: its /64) may hold "
+                                          "(beyond: 429 with Retry-After; 0 = auto: 3/4 of "
+                                          "--max-concurrent-requests; behind a reverse proxy, whose one address "
+                                          "all requests come from, set it to --max-concurrent-requests: off)")
+    max_connections: int = option(1000, "open connections (beyond: an idle connection of the client address "
+                                  "holding the most is closed, else 503; lowered to fit the open-file limit)")
     header_timeout_s: float = option(10.0, "seconds a client has to send a request's headers (then 408, closed)",
                                      flag="header-timeout")
     keep_alive_s: float = option(5.0, "seconds an idle keep-alive connection stays open", flag="keep-alive")
@@ -89,7 +93,7 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
-        for name in ("batch_timeout_ms", "threads", "streams"):
+        for name in ("batch_timeout_ms", "threads", "streams", "max_requests_per_client"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
         for name, flag in (("request_timeout_s", "request-timeout"), ("header_timeout_s", "header-timeout"),

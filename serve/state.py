@@ -76,6 +76,7 @@ class ServeState:
         self.decode_budget = DecodeBudget(settings.decode_memory_bytes, self.decode_pool, self.bulk)
         self.buffers = BufferBudget(settings.buffered_bytes)  # bodies and batches of the requests in progress
         self.in_flight = 0  # requests in progress (serve.middleware.Limits)
+        self.in_flight_by_client: dict[str, int] = {}  # the same, by client (serve.clients), for those with any
         self.base_rss: int | None = None  # resident bytes once the models were warmed up (the formula's base)
 
     def lookup(self, name: str) -> Served:

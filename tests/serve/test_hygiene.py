@@ -69,9 +69,9 @@ def live_uvicorn(export_dir: Path, http: str = "auto", **overrides):
         sock.close()
 
 
-def _connect(port: int) -> socket.socket:
-    conn = socket.create_connection(("127.0.0.1", port), timeout=20)
-    return conn
+def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A connection to the server from ``source`` (any 127.x.y.z: another client address on loopback)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(source, 0))
 
 
 def _read_all(conn: socket.socket) -> bytes:
@@ -144,11 +144,22 @@ def test_oversized_head_is_a_431_and_malformed_http_a_json_400(export_dir):
             assert headers["content-type"] == "application/json"
 
 
+def _slow_body(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A connection from ``source`` whose :classify request has its head and 10 of its 1,000 body bytes sent: a
+    request in progress for as long as the test keeps it open (below --request-timeout)."""
+    conn = _connect(port, source)
+    conn.sendall(b"POST /v1/models/tiny:classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                 b"Content-Length: 1000\r\n\r\n0123456789")
+    return conn
+
+
 @pytest.mark.parametrize("http", PROTOCOLS)
 def test_connections_beyond_the_cap_get_a_json_503_with_retry_after(export_dir, http):
-    with live_server(export_dir, http, max_connections=2, header_timeout_s=10) as port:
-        held = [_connect(port) for _ in range(2)]
-        time.sleep(0.2)  # let the server accept them
+    """When every open connection is answering a request (none is idle to make room), a newcomer is refused."""
+    with live_uvicorn(export_dir, http, max_connections=2, header_timeout_s=10) as (port, server):
+        held = [_slow_body(port) for _ in range(2)]
+        app_state = server.config.app.state.serve
+        _wait_for(lambda: app_state.in_flight == 2, "both requests are in progress")
         extra = _connect(port)
         status, headers, body = _json_answer(_read_all(extra))
         assert status == 503 and body["type"] == "too_many_connections" and headers["retry-after"] == "1"
@@ -167,7 +178,7 @@ def test_connections_beyond_the_cap_get_a_json_503_with_retry_after(export_dir, 
 
 def _pipeliner(port: int, path: str, count: int) -> socket.socket:
     """A connection with a 2 KB receive buffer that sends ``count`` pipelined ``GET path`` and never reads: as many
-    as the server takes before it stops reading (until writing blocks for 2 s in a row)."""
+    as the server takes before it stops reading (until writing blocks for 2 s in a row, or the server drops it)."""
     conn = socket.socket()
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -176,9 +187,10 @@ def _pipeliner(port: int, path: str, count: int) -> socket.socket:
     burst = memoryview(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * count)
     import select
 
-    while burst and select.select([], [conn], [], 2.0)[1]:
-        with contextlib.suppress(BlockingIOError):
-            burst = burst[conn.send(burst):]
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # dropped mid-burst (the write deadline)
+        while burst and select.select([], [conn], [], 2.0)[1]:
+            with contextlib.suppress(BlockingIOError):
+                burst = burst[conn.send(burst):]
     return conn
 
 
@@ -190,8 +202,8 @@ def _wait_for(condition, what: str, seconds: float = 30) -> None:
         time.sleep(0.02)
 
 
-def _classify(port: int) -> int:
-    conn = _connect(port)
+def _classify(port: int, source: str = "127.0.0.1") -> int:
+    conn = _connect(port, source)
     body = _png()
     conn.sendall(b"POST /v1/models/tiny:classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                  b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -229,6 +241,124 @@ def test_answers_that_do_not_drain_close_the_connection_at_the_write_deadline(ex
         _wait_for(lambda: not server.server_state.connections, "the server drops the connection")
         assert _classify(port) == 200
         attacker.close()
+
+
+# ---------------------------------------------------------------------------------------------- per client
+
+ATTACKER = "127.0.0.2"  # another client address on loopback; the well-behaved client is 127.0.0.1
+
+
+def _closed_with(conn: socket.socket) -> tuple[int, str] | None:
+    """(status, error type) the server answered on ``conn`` before closing it, (0, "") for a close without an answer,
+    or None if it is still open."""
+    conn.setblocking(False)
+    try:
+        first = conn.recv(65536)
+    except BlockingIOError:
+        return None
+    except ConnectionResetError:
+        return 0, ""
+    finally:
+        conn.setblocking(True)
+    if not first:
+        return 0, ""
+    status, _, body = _json_answer(first + _read_all(conn))
+    return status, body["type"]
+
+
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_one_clients_idle_sockets_do_not_lock_out_another(export_dir, http):
+    """Issue 19: one address holding every connection the server allows, idle, used to make every other client's
+    connection a 503 until the head deadline closed them (and the attacker reconnected). Now a newcomer makes room by
+    closing an idle connection of the address that holds the most; that address's own newcomers close its own oldest
+    (a lone reverse proxy is not refused)."""
+    with live_uvicorn(export_dir, http, max_connections=12, header_timeout_s=120) as (port, server):
+        def open_connections(n: int) -> None:
+            _wait_for(lambda: len(server.server_state.connections) == n, f"{n} connections open")
+
+        idle = [_connect(port, ATTACKER) for _ in range(12)]
+        open_connections(12)  # the attacker holds every connection
+        for _ in range(3):  # repeatably: each well-behaved newcomer takes one of the attacker's idle sockets
+            assert _classify(port) == 200
+            open_connections(11)  # the socket it took and the well-behaved one (Connection: close) are gone
+            idle.append(_connect(port, ATTACKER))  # the attacker reconnects: every connection is its again
+            open_connections(12)
+        outcomes = [_closed_with(conn) for conn in idle]
+        closed = [o for o in outcomes if o is not None]
+        assert closed == [(503, "too_many_connections")] * 3  # never sent a request: told why, with Retry-After
+        assert outcomes[:3] == closed  # the oldest first
+        # the attacker's own newcomer is not refused either: it closes the attacker's oldest idle socket
+        newcomer = _connect(port, ATTACKER)
+        newcomer.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert _read_all(newcomer).startswith(b"HTTP/1.1 200")
+        assert _closed_with(idle[3]) == (503, "too_many_connections")
+        registry = server.config.app.state.serve.metrics.registry
+        assert registry.get_sample_value("serve_rejected_total", {"reason": "connection_evicted"}) == 4
+        for conn in idle:
+            conn.close()
+
+
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_a_keep_alive_connection_between_requests_is_closed_without_an_answer_to_make_room(export_dir, http):
+    """An idle keep-alive connection is closed as its keep-alive timeout would close it: no unsolicited answer."""
+    with live_uvicorn(export_dir, http, max_connections=2, keep_alive_s=120, header_timeout_s=120) as (port, _):
+        kept = [_connect(port, ATTACKER) for _ in range(2)]
+        for conn in kept:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        assert _classify(port) == 200
+        assert [_closed_with(conn) for conn in kept] == [(0, ""), None]
+        for conn in kept:
+            conn.close()
+
+
+@pytest.mark.parametrize("per_client, other_gets", [(0, 200), (4, 503)])
+def test_one_clients_slow_bodies_leave_room_for_another(export_dir, per_client, other_gets):
+    """Issue 19: slow bodies from one address used to fill every request slot (for --request-timeout, 30 s) and every
+    other client got 503. One address now holds at most 3/4 of the slots (auto): its next requests get 429 with
+    Retry-After and another address still gets 200. --max-requests-per-client at --max-concurrent-requests turns
+    this off (the old behaviour, which the second case shows)."""
+    with live_uvicorn(export_dir, max_concurrent_requests=4, max_requests_per_client=per_client) as (port, server):
+        app_state = server.config.app.state.serve
+        held = [_slow_body(port, ATTACKER) for _ in range(3 if per_client == 0 else 4)]
+        _wait_for(lambda: app_state.in_flight == len(held), "the attacker's requests are in progress")
+        if per_client == 0:  # auto: 3 of the 4 slots
+            assert app_state.in_flight_by_client == {ATTACKER: 3}
+            status, headers, body = _json_answer(_read_all(_slow_body(port, ATTACKER)))
+            assert status == 429 and body["type"] == "too_many_requests" and headers["retry-after"] == "1"
+            assert "--max-requests-per-client" in body["error"]
+        assert _classify(port) == other_gets
+        for conn in held:
+            conn.close()
+        _wait_for(lambda: app_state.in_flight == 0 and not app_state.in_flight_by_client, "every slot is given back")
+
+
+def test_clients_are_addresses_ipv6_by_slash_64():
+    from serve.clients import UNKNOWN, ClientConnections, client_key
+
+    assert client_key("127.0.0.2") == "127.0.0.2" != client_key("127.0.0.1")
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("::ffff:10.0.0.7") == "10.0.0.7"
+    assert client_key("fe80::1%eth0") == "fe80::/64"
+    assert client_key(None) == client_key("") == UNKNOWN
+
+    conns = ClientConnections()
+    for name, client in (("a1", "A"), ("a2", "A"), ("a3", "A"), ("b1", "B"), ("c1", "C")):
+        conns.add(name, client)
+    idle = {"a2", "a3", "b1", "c1"}
+    assert conns.victim("c1", "C", idle.__contains__) == "a2"  # the oldest idle of the client holding the most
+    conns.add("c2", "C")
+    conns.add("c3", "C")
+    assert conns.victim("c3", "C", idle.__contains__) == "c1"  # a tie: the newcomer's own client makes room
+    assert conns.victim("b2", "B", set().__contains__) is None  # nothing idle: the newcomer is refused
+    conns.add("b2", "B")
+    conns.add("b3", "B")
+    conns.add("b4", "B")
+    assert conns.victim("b4", "B", {"a2", "c1"}.__contains__) is None  # never from a client holding fewer
+    for name, client in (("a1", "A"), ("a2", "A"), ("a3", "A")):
+        conns.discard(name, client)
+    assert "A" not in conns.by_client
 
 
 def test_a_refusal_before_the_body_is_read_closes_the_connection(export_dir):
@@ -332,7 +462,8 @@ def test_a_corrupt_export_is_one_line_exit_2_before_listening(export_dir, tmp_pa
                                           (["--decode-memory-mb", "nan"], "--decode-memory-mb nan"),
                                           (["--header-timeout", "0"], "header-timeout=0"),
                                           (["--max-header-bytes", "10"], "max-header-bytes=10"),
-                                          (["--max-connections", "0"], "max-connections=0")])
+                                          (["--max-connections", "0"], "max-connections=0"),
+                                          (["--max-requests-per-client", "-1"], "max-requests-per-client=-1")])
 def test_bad_limits_are_one_line_exit_2(export_dir, capsys, argv, needle):
     assert main([str(export_dir), *argv]) == 2
     assert needle in _one_line(capsys.readouterr().err)
