@@ -1,7 +1,7 @@
 """Does transfer transfer? Pretrained backbones against the same backbones from scratch and the seed baselines, on
 real images that ship in packages, at 5, 10, 25 and all training images per class; 3 seeds.
 
-    python benchmarks/transfer_study.py [--part main|recipes|all] [--datasets digits,faces] [--shots 5,10,25,all]
+    python benchmarks/transfer_study.py [--part main|recipes|heads|all] [--datasets digits,faces] [--shots 5,10,25,all]
                                         [--seeds 0,1,2] [--out artifacts/reports/transfer_study]
 
 Datasets (the toolkit's own, seeded stratified splits; ``--seed S`` draws split S and its k-per-class subset, the
@@ -24,6 +24,10 @@ finetune``: pretrained Lite0 (imagenet) at 224 px on both datasets, pretrained V
 seeds' experiment; VGG16 costs ~8x Lite0 per image, too much for digits here), each with head only (``--unfreeze 0``),
 the top layers (``4`` for VGG16 as in the seed documents, ``blocks:1`` for Lite0) and ``all`` (3 head epochs first,
 then fine-tuning at 1e-4).
+
+Part ``heads`` (the default head and the patience floor): on each dataset at 10 images per class, 3 seeds, the head
+on each pretrained backbone's cached features with or without a BatchNorm first, trained with early stopping
+(patience 10 epochs) or for a fixed ~480 steps.
 
 Each cell prints test accuracy per seed; the tables give the mean over seeds with a 95 % interval from a paired
 bootstrap over the test images of each seed (1,000 resamples; the spread of the seeds is shown as min-max beside
@@ -145,6 +149,32 @@ def train_head(key: str, data, seed: int) -> np.ndarray:
     return model.predict(f_test, verbose=0).argmax(1) == data.test.y
 
 
+HEAD_VARIANTS = ("es", "fixed", "bn-es", "bn-fixed")  # head with/without BatchNorm x early stopping / ~480 steps
+
+
+def head_variant(key: str, data, seed: int, variant: str) -> np.ndarray:
+    """Part ``heads``: the head on cached features, ``bn`` (a BatchNorm before dropout) or not, trained with early
+    stopping (patience 10 epochs, best validation epoch kept) or for a fixed ~480 steps; per-test-image correctness.
+    The evidence behind the default head and the 100-step patience floor."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    f_train, f_val, f_test = (features(key, data.name, s.x) for s in (data.train, data.val, data.test))
+    inputs = keras.Input(f_train.shape[1:])
+    x = keras.layers.BatchNormalization()(inputs) if variant.startswith("bn") else inputs
+    x = keras.layers.Dropout(0.2)(x)
+    model = keras.Model(inputs, keras.layers.Dense(len(data.classes), activation="softmax")(x))
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    steps = math.ceil(len(f_train) / BATCH)
+    if variant.endswith("fixed"):
+        model.fit(f_train, data.train.y, batch_size=BATCH, epochs=math.ceil(480 / steps), verbose=0)
+    else:
+        stop = keras.callbacks.EarlyStopping("val_accuracy", patience=PATIENCE, restore_best_weights=True)
+        model.fit(f_train, data.train.y, validation_data=(f_val, data.val.y), batch_size=BATCH,
+                  epochs=epochs_for(len(f_train)), callbacks=[stop], verbose=0)
+    return model.predict(f_test, verbose=0).argmax(1) == data.test.y
+
+
 # --- cells trained by the toolkit's own commands --------------------------------------------------------------------
 
 def run_cli(argv: list[str], data) -> np.ndarray:
@@ -251,6 +281,15 @@ def tables(results: dict, datasets, shots, seeds) -> str:
                   "| images per class | lite0-imagenet - lite0-scratch | vgg16-hed - vgg16-scratch | "
                   "lite0-imagenet - best baseline |", "|---|---|---|---|", *gains]
     for name in datasets:
+        heads = {c: {s: results[("heads", name, RECIPE_SHOTS, c, s)] for s in seeds
+                     if ("heads", name, RECIPE_SHOTS, c, s) in results}
+                 for c in (f"{k}:{v}" for k in PRETRAINED for v in HEAD_VARIANTS)}
+        if any(heads.values()):
+            lines += [f"\n### the head on frozen features: {name}, {RECIPE_SHOTS} images per class\n",
+                      "| backbone:variant (bn = BatchNorm first; es = early stopping, fixed = ~480 steps) | "
+                      "test accuracy % |", "|---|---|"]
+            lines += [f"| {c} | {cell_text(v)} |" for c, v in heads.items() if v]
+    for name in datasets:
         recipe = {c: {s: results[("recipes", name, RECIPE_SHOTS, c, s)] for s in seeds
                       if ("recipes", name, RECIPE_SHOTS, c, s) in results} for c in RECIPE_PLAN[name]}
         if any(recipe.values()):
@@ -262,7 +301,7 @@ def tables(results: dict, datasets, shots, seeds) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("main", "recipes", "all"), default="all")
+    parser.add_argument("--part", choices=("main", "recipes", "heads", "all"), default="all")
     parser.add_argument("--datasets", default="digits,faces")
     parser.add_argument("--shots", default="5,10,25,all")
     parser.add_argument("--seeds", default="0,1,2")
@@ -285,13 +324,19 @@ def main() -> int:
     if args.part in ("recipes", "all"):
         jobs += [("recipes", name, RECIPE_SHOTS, cell, seed) for name in datasets for seed in seeds
                  for cell in RECIPE_PLAN[name]]
+    if args.part == "heads":
+        jobs += [("heads", name, RECIPE_SHOTS, f"{key}:{variant}", seed) for name in datasets for key in PRETRAINED
+                 for variant in HEAD_VARIANTS for seed in seeds]
     for part, name, k, cell, seed in jobs:
         key = (part, name, "all" if k is None else k, cell, seed)
         if key in results or (wanted and cell not in wanted) or args.tables_only:
             continue
         data, limit = dataset(name, seed, k)
         started = time.perf_counter()
-        if cell in PRETRAINED:
+        if part == "heads":
+            key, variant = cell.split(":")
+            correct = head_variant(key, data, seed, variant)
+        elif cell in PRETRAINED:
             correct = train_head(cell, data, seed)
         elif cell in SCRATCH:
             correct = scratch_cell(cell, name, seed, limit, data)

@@ -262,10 +262,14 @@ class Backbone(_Sized):
         except Exception as exc:
             # keras.utils.get_file raises a bare Exception("URL fetch failure on ...") when offline.
             if weights_arg == "imagenet" and "fetch failure" in str(exc):
+                from transfer.pretrained import PACKAGED
+
+                here = ", ".join(f"--backbone {r.backbone} --weights {r.name}" for r in PACKAGED if r.installed())
                 raise UserError(
                     f"cannot download ImageNet weights for {self.name} (offline?); place "
                     f"{self.weights_filename(size)} at {self.weights_path(size)}, or pass "
                     "--weights PATH (a weights file) or --weights none"
+                    + (f"; pretrained weights this machine has: {here}" if here else "")
                 ) from exc
             raise
         if not self.pretrained(weights):
