@@ -192,6 +192,12 @@ class ExportDir:
         classes = manifest.get("classes")
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
             raise UserError(f"{file}: 'classes' must be a non-empty list of names")
+        for label in classes:  # a lone surrogate parses from JSON but cannot be written into an answer
+            try:
+                label.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError(f"{file}: class name {label!r} is not valid Unicode text; re-run `transfer export` "
+                                "from a run whose classes are") from None
         if (path / LABELS).is_file() and _labels(path / LABELS) != classes:
             raise UserError(f"{path / LABELS} does not match the manifest's classes; re-run `transfer export`")
         spec = manifest.get("input") or {}

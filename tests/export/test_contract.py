@@ -47,6 +47,7 @@ def test_a_valid_export_opens(tmp_path):
     ("no classes", "'classes' must be a non-empty list of names"),
     ("classes not names", "'classes' must be a non-empty list of names"),
     ("labels differ", "labels.txt does not match the manifest's classes"),
+    ("unencodable class", "is not valid Unicode text"),
     ("grey input", "input shape must be [H, W, 3], got [8, 8, 1]"),
     ("flat input", "input shape must be [H, W, 3], got [64]"),
     ("boolean size", "input shape must be [H, W, 3], got [True, 8, 3]"),
@@ -71,6 +72,9 @@ def test_unusable_exports_are_one_line_user_errors(tmp_path, change, message):
         (path / "manifest.json").write_text("[]")
     elif change == "run directory":
         (path / "manifest.json").write_text(json.dumps(RUN_MANIFEST))
+    elif change == "unencodable class":  # a lone surrogate: valid JSON, no labels.txt, and no UTF-8 for an answer
+        (path / "manifest.json").write_text(json.dumps({**manifest, "classes": ["cat", "\ud800"]}))
+        (path / "labels.txt").unlink()
     elif change == "labels differ":
         (path / "labels.txt").write_text("dog\ncat\n")
     elif change in edits:
