@@ -272,11 +272,16 @@ def tables(results: dict, datasets, shots, seeds) -> str:
             best = max((m for m in BASELINES if base[m]), key=lambda m: np.mean([v.mean() for v in base[m].values()]),
                        default=None)
             row = [cell_text(get(c)) if get(c) else "—" for c in [*PRETRAINED, *SCRATCH]]
+            if all(r == "—" for r in row) and best is None:
+                continue  # nothing measured at this size (yet)
             row.append(f"{best}: {cell_text(base[best])}" if best else "—")
             lines.append(f"| {k} | " + " | ".join(row) + " |")
             gains.append(f"| {k} | {gain_text(get('lite0-imagenet'), get('lite0-scratch'))} | "
                          f"{gain_text(get('vgg16-hed'), get('vgg16-scratch'))} | "
                          f"{gain_text(get('lite0-imagenet'), base[best] if best else None)} |")
+        if not gains:
+            lines = lines[:-3]  # no size measured on this dataset: no table
+            continue
         lines += [f"\n{name}: gain in points, paired bootstrap 95 % interval (tied: the interval holds 0)\n",
                   "| images per class | lite0-imagenet - lite0-scratch | vgg16-hed - vgg16-scratch | "
                   "lite0-imagenet - best baseline |", "|---|---|---|---|", *gains]
@@ -294,8 +299,15 @@ def tables(results: dict, datasets, shots, seeds) -> str:
                       if ("recipes", name, RECIPE_SHOTS, c, s) in results} for c in RECIPE_PLAN[name]}
         if any(recipe.values()):
             lines += [f"\n### what to unfreeze: {name}, {RECIPE_SHOTS} images per class\n",
-                      "| recipe | backbone, weights, size, --unfreeze | test accuracy % |", "|---|---|---|"]
-            lines += [f"| {c} | {', '.join(map(str, RECIPES[c]))} | {cell_text(v)} |" for c, v in recipe.items() if v]
+                      "| recipe | backbone, weights, size, --unfreeze | test accuracy % | vs the same backbone's head "
+                      "only, points |", "|---|---|---|---|"]
+            for c, v in recipe.items():
+                if not v:
+                    continue
+                head_only = next((recipe[o] for o in recipe if RECIPES[o][0] == RECIPES[c][0]
+                                  and RECIPES[o][3] == "0"), None)
+                versus = "—" if RECIPES[c][3] == "0" else gain_text(v, head_only)
+                lines.append(f"| {c} | {', '.join(map(str, RECIPES[c]))} | {cell_text(v)} | {versus} |")
     return "\n".join(lines)
 
 
