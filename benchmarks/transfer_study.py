@@ -346,8 +346,8 @@ def main() -> int:
         data, limit = dataset(name, seed, k)
         started = time.perf_counter()
         if part == "heads":
-            key, variant = cell.split(":")
-            correct = head_variant(key, data, seed, variant)
+            backbone_key, variant = cell.split(":")
+            correct = head_variant(backbone_key, data, seed, variant)
         elif cell in PRETRAINED:
             correct = train_head(cell, data, seed)
         elif cell in SCRATCH:
