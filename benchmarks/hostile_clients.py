@@ -568,12 +568,7 @@ def reload_race(args, export_dir: Path, work: Path, env: dict) -> dict:
         return first, answers, final
 
     try:
-        deadline = time.monotonic() + 120
-        while not _alive(port):
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise SystemExit(f"the in-place reload server did not start:\n{log.read()[-3000:]}")
-            time.sleep(0.2)
+        _wait_started(server, port, log, "the in-place reload server")
         first, answers, final = asyncio.run(client())
         served = json.loads(urllib.request.urlopen(f"http://{HOST}:{port}/v1/models/alpha/metadata",
                                                    timeout=10).read())["model"]["sha256"]
@@ -690,6 +685,16 @@ def _metrics_5xx(port: int) -> dict[str, float]:
         if line.startswith("serve_requests_total{") and 'status="5' in line:
             out[line.split("{", 1)[1].rsplit("}", 1)[0]] = float(line.split()[-1])  # labels hold "{name}" too
     return out
+
+
+def _wait_started(server, port: int, log, what: str) -> None:
+    """Wait (at most 120 s) until the server answers on ``port``; exit with its log's tail if it dies or never does."""
+    deadline = time.monotonic() + 120
+    while not _alive(port):
+        if server.poll() is not None or time.monotonic() > deadline:
+            log.seek(0)
+            raise SystemExit(f"{what} did not start:\n{log.read()[-3000:]}")
+        time.sleep(0.2)
 
 
 def _alive(port: int) -> bool:
@@ -826,12 +831,7 @@ def main() -> int:
     watch = MemoryWatch(server, int(args.rss_cap_gb * 2**30))
     rows, alive, idle = [], False, 0
     try:
-        deadline = time.monotonic() + 120
-        while not _alive(port):
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise SystemExit(f"the server did not start:\n{log.read()[-3000:]}")
-            time.sleep(0.2)
+        _wait_started(server, port, log, "the server")
         asyncio.run(well_behaved(port, model, args.clients, args.rate, 2.0))  # warm connections and caches
         idle = _status(server.pid)["VmRSS"]
         loads = [os.getloadavg()[0]]
